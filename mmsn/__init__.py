@@ -1,0 +1,22 @@
+"""mmsn: Switchable Normalization for OpenMMLab.
+
+Importing the package (e.g. via ``custom_imports=dict(imports=['mmsn'])``)
+registers the SN layers in MMEngine's root ``MODELS`` registry, the hooks in
+``HOOKS``, and makes mmengine/mmcv's BN-only helpers and checkpoint loading
+work with SN (see :mod:`mmsn.utils`).
+"""
+from .version import __version__
+from .models import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
+                     SyncSwitchableNorm)
+from .ops import switchable_norm
+from .utils import allow_mmengine_checkpoints, apply_patches
+from . import datasets, engine  # noqa: F401  (registers datasets, hooks)
+from .models import backbones  # noqa: F401  (registers backbones)
+
+apply_patches()
+allow_mmengine_checkpoints()
+
+__all__ = [
+    '__version__', 'SwitchableNorm1d', 'SwitchableNorm2d', 'SwitchableNorm3d',
+    'SyncSwitchableNorm', 'switchable_norm'
+]

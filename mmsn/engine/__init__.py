@@ -1,0 +1,3 @@
+from .hooks import SNBatchAverageHook
+
+__all__ = ['SNBatchAverageHook']

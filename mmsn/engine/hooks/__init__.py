@@ -1,0 +1,3 @@
+from .batch_average_hook import SNBatchAverageHook
+
+__all__ = ['SNBatchAverageHook']

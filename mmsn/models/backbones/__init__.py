@@ -1,0 +1,1 @@
+"""SN-ready backbones, registered in mmpretrain's MODELS."""

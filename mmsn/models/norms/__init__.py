@@ -1,0 +1,7 @@
+from .switchable_norm import (SwitchableNorm1d, SwitchableNorm2d,
+                              SwitchableNorm3d, SyncSwitchableNorm)
+
+__all__ = [
+    'SwitchableNorm1d', 'SwitchableNorm2d', 'SwitchableNorm3d',
+    'SyncSwitchableNorm'
+]

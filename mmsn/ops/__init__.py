@@ -1,0 +1,8 @@
+from .switchable_norm import (batch_stats_from_instance, in_var_correction,
+                              layer_stats_from_instance, mix_statistics,
+                              switchable_norm)
+
+__all__ = [
+    'switchable_norm', 'mix_statistics', 'batch_stats_from_instance',
+    'layer_stats_from_instance', 'in_var_correction'
+]

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment with the tested stack and
+# mmsn installed in editable mode. Safe to run again: a stamp keyed by the
+# requirement files skips work that is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${MMSN_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+key=$(cat requirements/*.txt setup.cfg setup.py | sha256sum | cut -c1-16)
+stamp="$VENV/.mmsn-setup-$key"
+if [ -f "$stamp" ]; then
+    echo "[setup] $VENV is up to date ($key)"
+    exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 \
+    | grep -v "^WARNING: Location '.*' is ignored" || true; }
+echo "[setup] installing the pinned stack into $VENV"
+pip install -q 'setuptools<80' wheel
+pip install -q -r requirements/runtime.txt -r requirements/tests.txt
+pip install -q --no-deps --no-build-isolation -e .
+"$VENV/bin/python" -c "import mmsn, mmpretrain; print('[setup] mmsn', mmsn.__version__, 'ready')"
+rm -f "$VENV"/.mmsn-setup-*
+touch "$stamp"
