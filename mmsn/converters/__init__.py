@@ -1,0 +1,10 @@
+"""Converters from the authors' reference checkpoints to mmpretrain's."""
+from .sn_checkpoint import (KNOWN_MODELS, ConversionError, convert_checkpoint,
+                            convert_state_dict, detect_using_bn,
+                            expected_model_cfg, suggested_config)
+
+__all__ = [
+    'KNOWN_MODELS', 'ConversionError', 'convert_checkpoint',
+    'convert_state_dict', 'detect_using_bn', 'expected_model_cfg',
+    'suggested_config'
+]
