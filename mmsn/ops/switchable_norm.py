@@ -6,28 +6,45 @@ math lives in one place:
 * IN statistics per (n, c) over the spatial positions, with the authors'
   unbiased variance by default;
 * LN and BN statistics derived from the IN ones (mean of means, mean of
-  second moments minus the squared mean);
+  ``var_in + (mean_in - mean)^2``, which equals the authors' mean of second
+  moments minus the squared mean without its float32 cancellation);
 * ``mean = sum_k softmax(mean_weight)_k * mean_k``, likewise for the variance.
 
 Two execution paths give the same numbers:
 
-* :class:`_FusedSwitchableNorm` keeps only the input alive for backward and
-  touches the big tensor in two passes forward and two backward, reusing
-  PyTorch's native kernels; the tiny per-(n, c) graph in between is
+* the fast path (:class:`_FusedSwitchableNorm` with gradients, the same
+  kernels without): it keeps only the input alive for backward (plus two
+  numbers per (n, c)) and touches the big tensor in two passes forward and
+  two backward, reusing PyTorch's native kernels. The small per-(n, c)
+  algebra in between (mixing, LN pooling, softmax) is differentiated in
+  closed form; only ``batch_stats_fn`` (which may all-reduce) is
   differentiated by autograd.
-* the composite path (plain autograd), used without gradients, under
-  ``torch.compile`` and as the fallback for unusual layouts.
+* the composite path (plain autograd), used under ``torch.compile`` (where
+  inductor fuses it), for double backward and as the reference in tests.
 """
+import os
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # Given (mean_in, var_in) of shape (N, C), returns (mean_bn, var_bn) of shape
 # (C,), or None when the layer has no BN branch.
 BatchStatsFn = Callable[[Tensor, Tensor], Optional[Tuple[Tensor, Tensor]]]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_aten = torch.ops.aten
+
+# Added to the variance inside GroupNorm's kernel when it is used to get the
+# IN moments: keeps its rstd finite for constant rows (and a single
+# position) without changing any variance above ~1e-23.
+_TINY_VAR = 1e-30
+
+# Set MMSN_SN_PATH=composite to route every call through the composite
+# (plain autograd) path, or =generic to use only device-agnostic kernels in
+# the fast path (what non-CPU devices use). For debugging and benchmarking.
+_FORCED_PATH = os.environ.get('MMSN_SN_PATH', '')
 
 
 def in_var_correction(num_positions: int, unbiased: bool) -> int:
@@ -42,19 +59,24 @@ def in_var_correction(num_positions: int, unbiased: bool) -> int:
 
 def batch_stats_from_instance(mean_in: Tensor,
                               var_in: Tensor) -> Tuple[Tensor, Tensor]:
-    """BN statistics per channel, pooled from the IN statistics over n."""
+    """BN statistics per channel, pooled from the IN statistics over n.
+
+    ``mean(var_in + (mean_in - mean_bn)^2)`` equals the authors'
+    ``mean(var_in + mean_in^2) - mean_bn^2`` exactly in real arithmetic, and
+    avoids its cancellation in float32 for inputs with a large mean.
+    """
     mean_bn = mean_in.mean(0)
-    var_bn = (var_in + mean_in.square()).mean(0) - mean_bn.square()
-    return mean_bn, var_bn.clamp_min(0)
+    var_bn = (var_in + (mean_in - mean_bn).square()).mean(0)
+    return mean_bn, var_bn
 
 
 def layer_stats_from_instance(mean_in: Tensor,
                               var_in: Tensor) -> Tuple[Tensor, Tensor]:
-    """LN statistics per sample, pooled from the IN statistics over c."""
+    """LN statistics per sample, pooled from the IN statistics over c (in
+    the same cancellation-free form as :func:`batch_stats_from_instance`)."""
     mean_ln = mean_in.mean(1, keepdim=True)
-    var_ln = (var_in + mean_in.square()).mean(1, keepdim=True) \
-        - mean_ln.square()
-    return mean_ln, var_ln.clamp_min(0)
+    var_ln = (var_in + (mean_in - mean_ln).square()).mean(1, keepdim=True)
+    return mean_ln, var_ln
 
 
 def mix_statistics(mean_in: Tensor, var_in: Tensor, mean_weight: Tensor,
@@ -75,102 +97,301 @@ def mix_statistics(mean_in: Tensor, var_in: Tensor, mean_weight: Tensor,
     return mean, var
 
 
+# ---------------------------------------------------------------------------
+# Composite path (plain autograd)
+# ---------------------------------------------------------------------------
 def _scale_shift(mean_in: Tensor, var_in: Tensor, weight: Optional[Tensor],
                  bias: Optional[Tensor], mean_weight: Tensor,
                  var_weight: Tensor, batch_stats_fn: BatchStatsFn,
                  eps: float) -> Tuple[Tensor, Tensor]:
-    """Per-(n, c) affine map so that ``y = x * scale + shift``."""
+    """Per-(n, c) affine map so that ``y = (x - mean_in) * scale + shift``.
+
+    Centering on the instance mean keeps the gamma and importance gradients
+    free of the cancellation that ``sum(dy * x)`` suffers for inputs with a
+    large mean.
+    """
     mean, var = mix_statistics(mean_in, var_in, mean_weight, var_weight,
                                batch_stats_fn(mean_in, var_in))
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(scale.dtype)
-    shift = -mean * scale
+    shift = (mean_in - mean) * scale
     if bias is not None:
         shift = shift + bias.to(shift.dtype)
     return scale, shift
 
 
-def _detached_leaf(t: Optional[Tensor]) -> Optional[Tensor]:
-    if t is None:
-        return None
-    return t.detach().requires_grad_(t.requires_grad)
+def _composite(x3: Tensor, weight, bias, mean_weight, var_weight,
+               batch_stats_fn, eps, correction) -> Tensor:
+    var_in, mean_in = torch.var_mean(x3, dim=2, correction=correction)
+    scale, shift = _scale_shift(mean_in, var_in, weight, bias, mean_weight,
+                                var_weight, batch_stats_fn, eps)
+    return torch.addcmul(
+        shift.unsqueeze(-1), x3 - mean_in.unsqueeze(-1), scale.unsqueeze(-1))
+
+
+# ---------------------------------------------------------------------------
+# Big-tensor kernels of the fast path. (N, C, L) contiguous, float32/64.
+# On the CPU, PyTorch's GroupNorm and BatchNorm kernels on suitable views are
+# several times faster than var_mean / broadcasting addcmul; elsewhere the
+# generic ops are used (var_mean is a fast single pass on GPUs).
+# ---------------------------------------------------------------------------
+def _use_native_cpu_kernels(x: Tensor) -> bool:
+    return x.device.type == 'cpu' and _FORCED_PATH != 'generic'
+
+
+def _instance_moments(x3: Tensor, correction: int):
+    """IN mean and variance (N, C) and, on the CPU, a scratch buffer holding
+    ``(x - mean_in) * rstd`` that the output is written into in place."""
+    n, c, length = x3.shape
+    if _use_native_cpu_kernels(x3):
+        # GroupNorm with one channel per group = InstanceNorm: one
+        # vectorized Welford pass for the moments (no cancellation).
+        buf, mean_in, rstd = _aten.native_group_norm(x3, None, None, n, c,
+                                                     length, c, _TINY_VAR)
+        var_in = rstd.pow(-2)
+        if correction:
+            var_in.mul_(length / (length - correction))
+        return mean_in, var_in, (buf, rstd)
+    var_in, mean_in = torch.var_mean(x3, dim=2, correction=correction)
+    return mean_in, var_in, None
+
+
+def _rows_affine(x3: Tensor, scratch, mean_in: Tensor, scale: Tensor,
+                 shift: Tensor) -> Tensor:
+    """``(x - mean_in) * scale + shift`` per row."""
+    n, c, length = x3.shape
+    if scratch is not None:
+        buf, rstd = scratch
+        rows = n * c
+        buf1 = buf.view(1, rows, length)
+        # buf = (x - mean_in) * rstd; BatchNorm's inference kernel on the
+        # (1, N*C, L) view applies a per-row affine map, in place.
+        alpha = (scale / rstd).reshape(rows)
+        ones = torch.ones(rows, dtype=buf.dtype, device=buf.device)
+        zeros = torch.zeros(rows, dtype=buf.dtype, device=buf.device)
+        _aten.native_batch_norm.out(
+            buf1, alpha, shift.reshape(rows), zeros, ones, False, 0.0, 0.0,
+            out=buf1, save_mean=buf.new_empty(0),
+            save_invstd=buf.new_empty(0))
+        return buf
+    return torch.addcmul((shift - mean_in * scale).unsqueeze(-1), x3,
+                         scale.unsqueeze(-1))
+
+
+def _rows_grad_sums(grad_y: Tensor, x3: Tensor,
+                    mean_in: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per row ``sum(dy * (x - mean_in))`` and ``sum(dy)``, in one pass:
+    BatchNorm's backward on the (1, N*C, L) view returns exactly these as
+    its weight and bias gradients."""
+    n, c, length = x3.shape
+    rows = n * c
+    _, dot, sum_dy = _aten.native_batch_norm_backward(
+        grad_y.view(1, rows, length), x3.view(1, rows, length), None, None,
+        None, mean_in.reshape(rows),
+        torch.ones(rows, dtype=x3.dtype, device=x3.device), True, 0.0,
+        [False, True, True])
+    return dot.view(n, c), sum_dy.view(n, c)
+
+
+def _rows_grad_input(grad_y: Tensor, x3: Tensor, a: Tensor, b: Tensor,
+                     const: Tensor) -> Tensor:
+    """``a * dy + b * x + const`` per row."""
+    n, c, length = x3.shape
+    if _use_native_cpu_kernels(x3):
+        rows = n * c
+        ones = torch.ones(rows, dtype=x3.dtype, device=x3.device)
+        zeros = torch.zeros(rows, dtype=x3.dtype, device=x3.device)
+        grad_x = _aten.native_batch_norm(
+            grad_y.view(1, rows, length), a.reshape(rows),
+            const.reshape(rows), zeros, ones, False, 0.0, 0.0)[0]
+        return grad_x.addcmul_(x3.view(1, rows, length),
+                               b.reshape(1, rows, 1)).view(n, c, length)
+    return torch.addcmul(const.unsqueeze(-1), x3,
+                         b.unsqueeze(-1)).addcmul_(grad_y, a.unsqueeze(-1))
+
+
+# ---------------------------------------------------------------------------
+# Small per-(n, c) algebra of the fast path, forward and closed-form backward
+# ---------------------------------------------------------------------------
+def _mix(mean_in, var_in, w, u, batch):
+    """Mixed mean and variance (N, C), and the LN statistics (N, 1)."""
+    mean_ln, var_ln = layer_stats_from_instance(mean_in, var_in)
+    mean = torch.addcmul(w[1] * mean_ln, w[0], mean_in)
+    var = torch.addcmul(u[1] * var_ln, u[0], var_in)
+    if batch is not None:
+        mean = mean + w[2] * batch[0]
+        var = var + u[2] * batch[1]
+    return mean, var, mean_ln, var_ln
+
+
+def _small_forward(mean_in, var_in, weight, bias, mean_weight, var_weight,
+                   batch, eps):
+    dtype = mean_in.dtype
+    w = torch.softmax(mean_weight.detach().to(dtype), 0)
+    u = torch.softmax(var_weight.detach().to(dtype), 0)
+    mean, var, mean_ln, var_ln = _mix(mean_in, var_in, w, u, batch)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd if weight is None else rstd * weight.detach().to(dtype)
+    # y = (x - mean_in) * scale + shift
+    shift = (mean_in - mean) * scale
+    if bias is not None:
+        shift += bias.detach().to(dtype)
+    return w, u, mean, rstd, scale, shift, mean_ln, var_ln
 
 
 class _FusedSwitchableNorm(torch.autograd.Function):
-    """SN on a contiguous (N, C, L) tensor, saving only the input.
+    """SN on a contiguous (N, C, L) tensor, saving only the input and the IN
+    moments.
 
-    Backward needs, per (n, c), ``sum(dy)`` and ``sum(dy * (x - mean_in))``;
-    ``native_batch_norm_backward`` over a (1, N*C, L) view returns exactly
-    these as its weight and bias gradients in one fused pass.
+    Backward needs, per (n, c), ``sum(dy)`` and ``sum(dy * (x - mean_in))``
+    (one fused pass), then the gradient of the small per-(n, c) algebra in
+    closed form, then ``dx = a * dy + b * x + const`` per row (one pass).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean_weight, var_weight,
-                batch_stats_fn, eps, correction):
-        var_in, mean_in = torch.var_mean(x, dim=2, correction=correction)
-        with torch.enable_grad():
-            mean_in_leaf = mean_in.detach().requires_grad_()
-            var_in_leaf = var_in.detach().requires_grad_()
-            params = [
-                _detached_leaf(t)
-                for t in (weight, bias, mean_weight, var_weight)
-            ]
-            scale, shift = _scale_shift(mean_in_leaf, var_in_leaf, *params,
-                                        batch_stats_fn, eps)
-        y = torch.addcmul(shift.detach().unsqueeze(-1), x,
-                          scale.detach().unsqueeze(-1))
-        ctx.save_for_backward(x, mean_in)
-        # The small graph (O(N*C) values) is kept to differentiate it in
-        # backward without re-running batch_stats_fn (which may communicate).
-        ctx.small_graph = (scale, shift, mean_in_leaf, var_in_leaf, params)
+    def forward(ctx, x, weight, bias, mean_weight, var_weight, batch_stats_fn,
+                eps, correction):
+        xf = x.float() if x.dtype in _LOW_PRECISION else x
+        mean_in, var_in, scratch = _instance_moments(xf, correction)
+        # The BN statistics may be pooled across processes: differentiate
+        # whatever batch_stats_fn does with autograd (only when the input
+        # needs a gradient: the others do not depend on it).
+        leaves = None
+        if ctx.needs_input_grad[0]:
+            with torch.enable_grad():
+                leaves = (mean_in.detach().requires_grad_(),
+                          var_in.detach().requires_grad_())
+                batch_graph = batch_stats_fn(*leaves)
+        else:
+            batch_graph = batch_stats_fn(mean_in, var_in)
+        batch = None
+        if batch_graph is not None:
+            batch = tuple(t.detach() for t in batch_graph)
+            if not any(t.requires_grad for t in batch_graph):
+                batch_graph = None
+        w, u, _, _, scale, shift, _, _ = _small_forward(
+            mean_in, var_in, weight, bias, mean_weight, var_weight, batch,
+            eps)
+        y = _rows_affine(xf, scratch, mean_in, scale, shift).to(x.dtype)
+
+        ctx.save_for_backward(x, mean_in, var_in)
+        ctx.batch = batch
+        ctx.batch_graph = (batch_graph, leaves) if batch_graph else None
+        ctx.eps = eps
         ctx.correction = correction
+        ctx.has_weight = weight is not None
+        ctx.has_bias = bias is not None
+        ctx.param_dtypes = [
+            None if t is None else t.dtype
+            for t in (weight, bias, mean_weight, var_weight)
+        ]
+        ctx.weight = None if weight is None else weight.detach()
+        ctx.bias = None if bias is None else bias.detach()
+        ctx.logits = (mean_weight.detach(), var_weight.detach())
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
-        x, mean_in = ctx.saved_tensors
-        scale, shift, mean_in_leaf, var_in_leaf, params = ctx.small_graph
-        del ctx.small_graph
-        n, c, length = x.shape
-        grad_y = grad_y.contiguous()
-        _, grad_centered, grad_sum = torch.ops.aten.native_batch_norm_backward(
-            grad_y.view(1, n * c, length), x.view(1, n * c, length), None,
-            None, None, mean_in.reshape(-1),
-            torch.ones(n * c, dtype=mean_in.dtype, device=mean_in.device),
-            True, 0.0, [False, True, True])
-        grad_sum = grad_sum.view(n, c)
-        grad_scale = grad_centered.view(n, c) + mean_in * grad_sum
-        inputs = [mean_in_leaf, var_in_leaf]
-        inputs += [p for p in params if p is not None and p.requires_grad]
-        grads = torch.autograd.grad((scale, shift), inputs,
-                                    (grad_scale, grad_sum),
-                                    allow_unused=True)
-        grad_mean_in, grad_var_in = grads[:2]
-        param_grads = iter(grads[2:])
-        out_param_grads = [
-            next(param_grads) if p is not None and p.requires_grad else None
-            for p in params
-        ]
+        x, mean_in, var_in = ctx.saved_tensors
+        need_x, need_w, need_b, need_mw, need_vw = ctx.needs_input_grad[:5]
+        xf = x.float() if x.dtype in _LOW_PRECISION else x
+        dy = grad_y.contiguous().to(xf.dtype)
+        n, c, length = xf.shape
+        batch = ctx.batch
 
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # d var_in / dx = 2 (x - mean_in) / (L - correction)
+        dot, sum_dy = _rows_grad_sums(dy, xf, mean_in)
+        w, u, mean, rstd, scale, _, mean_ln, var_ln = _small_forward(
+            mean_in, var_in, ctx.weight, ctx.bias, *ctx.logits, batch,
+            ctx.eps)
+
+        # y = (x - mean) * scale + beta, per row: gradients of the mixed
+        # statistics.
+        grad_centered = torch.addcmul(dot, mean_in - mean, sum_dy)
+        grad_mean = -scale * sum_dy
+        # d/dvar of rsqrt(var + eps) = -rstd^3 / 2
+        grad_var = grad_centered * scale * rstd.square() * -0.5
+
+        grads = [None] * 5
+        if need_w:
+            grads[1] = (grad_centered * rstd).sum(0)
+        if need_b:
+            grads[2] = sum_dy.sum(0)
+        if need_mw or need_vw or need_x:
+            gm_row = grad_mean.sum(1, keepdim=True)
+            gv_row = grad_var.sum(1, keepdim=True)
+            gm_col = grad_mean.sum(0) if batch is not None else None
+            gv_col = grad_var.sum(0) if batch is not None else None
+        if need_mw:
+            grads[3] = _softmax_grad(w, grad_mean, gm_row, gm_col, mean_in,
+                                     mean_ln, batch and batch[0])
+        if need_vw:
+            grads[4] = _softmax_grad(u, grad_var, gv_row, gv_col, var_in,
+                                     var_ln, batch and batch[1])
+        if need_x:
+            # LN: mean_ln = mean_c(mean_in),
+            #     var_ln = mean_c(var_in + (mean_in - mean_ln)^2)
+            gv_ln = gv_row * (u[1] / c)
+            grad_mean_in = torch.addcmul(gm_row * (w[1] / c), w[0],
+                                         grad_mean)
+            grad_mean_in += (mean_in - mean_ln) * (2 * gv_ln)
+            grad_var_in = torch.addcmul(gv_ln, u[0], grad_var)
+            if ctx.batch_graph is not None:
+                (mean_bn, var_bn), leaves = ctx.batch_graph
+                outs, outs_grads = [], []
+                for t, g in ((mean_bn, gm_col * w[2]),
+                             (var_bn, gv_col * u[2])):
+                    if t.requires_grad:
+                        outs.append(t)
+                        outs_grads.append(g.to(t.dtype))
+                g_m, g_v = torch.autograd.grad(
+                    outs, leaves, outs_grads, retain_graph=True,
+                    allow_unused=True)
+                if g_m is not None:
+                    grad_mean_in += g_m
+                if g_v is not None:
+                    grad_var_in += g_v
+            # d var_in / dx = 2 (x - mean_in) / (L - correction),
+            # d mean_in / dx = 1 / L
             coef_x = grad_var_in * (2.0 / (length - ctx.correction))
             const = grad_mean_in / length - coef_x * mean_in
-            grad_x = torch.addcmul(
-                const.unsqueeze(-1), x, coef_x.unsqueeze(-1)).addcmul_(
-                    grad_y, scale.detach().unsqueeze(-1).to(grad_y.dtype))
-        return (grad_x, *out_param_grads, None, None, None)
+            grads[0] = _rows_grad_input(dy, xf, scale, coef_x,
+                                        const).to(x.dtype)
+        for i, dtype in enumerate(ctx.param_dtypes, 1):
+            if grads[i] is not None:
+                grads[i] = grads[i].to(dtype)
+        return (*grads, None, None, None)
 
 
-def _use_fused(x3: Tensor, tensors) -> bool:
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    if not (x3.requires_grad
-            or any(t is not None and t.requires_grad for t in tensors)):
-        return False
-    return x3.is_contiguous()
+def _softmax_grad(probs, grad_mixed, row_sums, col_sums, stat_in, stat_ln,
+                  stat_bn):
+    """Gradient of the importance logits, given the gradient of
+    ``sum_k probs_k * stat_k`` (N, C) and its row/column sums."""
+    parts = [(grad_mixed * stat_in).sum(), (row_sums * stat_ln).sum()]
+    if col_sums is not None:
+        parts.append((col_sums * stat_bn).sum())
+    grad_probs = torch.stack(parts)
+    return probs * (grad_probs - (probs * grad_probs).sum())
+
+
+# ---------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------
+def _fast_forward_no_grad(x3, weight, bias, mean_weight, var_weight,
+                          batch_stats_fn, eps, correction):
+    xf = x3.float() if x3.dtype in _LOW_PRECISION else x3
+    mean_in, var_in, scratch = _instance_moments(xf, correction)
+    batch = batch_stats_fn(mean_in, var_in)
+    *_, scale, shift, _, _ = _small_forward(mean_in, var_in, weight, bias,
+                                            mean_weight, var_weight, batch,
+                                            eps)
+    return _rows_affine(xf, scratch, mean_in, scale, shift).to(x3.dtype)
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
 
 
 def switchable_norm(x: Tensor,
@@ -192,7 +413,7 @@ def switchable_norm(x: Tensor,
         var_weight (Tensor): Importance logits for the variances.
         batch_stats_fn (callable): Maps (mean_in, var_in) to the BN
             statistics to mix (batch statistics in training, running ones in
-            eval), or None when there is no BN branch.
+            eval), or None when there is no BN branch. Called exactly once.
         eps (float): Added to the variance. Defaults to 1e-5.
         unbiased (bool): Unbiased IN variance as in the authors' code;
             False gives the paper's biased estimate. Defaults to True.
@@ -203,23 +424,19 @@ def switchable_norm(x: Tensor,
     """
     n, c = x.shape[:2]
     in_dtype = x.dtype
-    x3 = x.reshape(n, c, -1)
-    if in_dtype in _LOW_PRECISION:
-        x3 = x3.float()
+    # contiguous (N, C, L); a channels_last input is copied once here
+    x3 = x.reshape(n, c, -1).contiguous()
     correction = in_var_correction(x3.shape[2], unbiased)
+    args = (weight, bias, mean_weight, var_weight, batch_stats_fn, eps,
+            correction)
     with torch.autocast(x.device.type, enabled=False):
-        if _use_fused(x3, (weight, bias, mean_weight, var_weight)):
-            y3 = _FusedSwitchableNorm.apply(x3, weight, bias, mean_weight,
-                                            var_weight, batch_stats_fn, eps,
-                                            correction)
+        if _FORCED_PATH == 'composite' or torch.compiler.is_compiling():
+            xc = x3.float() if in_dtype in _LOW_PRECISION else x3
+            y3 = _composite(xc, *args)
+        elif _needs_grad((x3, weight, bias, mean_weight, var_weight)):
+            y3 = _FusedSwitchableNorm.apply(x3, *args)
         else:
-            var_in, mean_in = torch.var_mean(x3, dim=2, correction=correction)
-            scale, shift = _scale_shift(mean_in, var_in, weight, bias,
-                                        mean_weight, var_weight,
-                                        batch_stats_fn, eps)
-            y3 = torch.addcmul(
-                shift.unsqueeze(-1).to(x3.dtype), x3,
-                scale.unsqueeze(-1).to(x3.dtype))
+            y3 = _fast_forward_no_grad(x3, *args)
     y = y3.view(x.shape).to(in_dtype)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
             and not x.is_contiguous():
