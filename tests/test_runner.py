@@ -185,12 +185,13 @@ def test_precise_bn_hook_fills_moving_average_sn(image_folder):
 
 
 def test_getattr_is_allowed_only_for_history_buffer_methods(tmp_path):
-    import os
     from mmengine.logging.history_buffer import HistoryBuffer
 
     class SneakyGetattr:
+        # any attribute of an allowlisted object other than the statistics
+        # methods, e.g. a way towards module globals
         def __reduce__(self):
-            return (getattr, (os, 'system'))
+            return (getattr, (HistoryBuffer, '__init__'))
 
     class MethodRef:
         def __reduce__(self):
