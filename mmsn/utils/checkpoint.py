@@ -27,11 +27,17 @@ def _numpy_globals():
     ]
 
 
+_DEFAULT_STATISTICS = {'min', 'max', 'current', 'mean'}
+
+
 def _history_buffer_getattr(obj, name):
     """``getattr`` restricted to what mmengine pickles: the statistics
     methods of ``HistoryBuffer`` (min, max, current, mean, ...)."""
     from mmengine.logging.history_buffer import HistoryBuffer
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+
+    # the defaults are registered lazily, on the first HistoryBuffer
+    allowed = set(HistoryBuffer._statistics_methods) | _DEFAULT_STATISTICS
+    if obj is HistoryBuffer and name in allowed:
         return getattr(obj, name)
     raise pickle.UnpicklingError(
         f'refusing getattr({obj!r}, {name!r}) while loading a checkpoint: '
