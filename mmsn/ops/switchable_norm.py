@@ -57,6 +57,42 @@ def in_var_correction(num_positions: int, unbiased: bool) -> int:
     return 1 if unbiased and num_positions > 1 else 0
 
 
+def _pooled_stats(mean_in: Tensor, var_in: Tensor,
+                  dim: int) -> Tuple[Tensor, Tensor]:
+    mean = mean_in.mean(dim, keepdim=True)
+    var = (var_in + (mean_in - mean).square()).mean(dim, keepdim=True)
+    return mean, var
+
+
+class _BatchStatsFromInstance(torch.autograd.Function):
+    """:func:`batch_stats_from_instance` with a closed-form backward that
+    keeps only ``mean_in`` (already kept by SN) and the (C,) batch mean,
+    where autograd would keep another (N, C) intermediate."""
+
+    @staticmethod
+    def forward(ctx, mean_in, var_in):
+        mean_bn, var_bn = _pooled_stats(mean_in, var_in, 0)
+        ctx.save_for_backward(mean_in, mean_bn)
+        return mean_bn.squeeze(0), var_bn.squeeze(0)
+
+    @staticmethod
+    def backward(ctx, grad_mean_bn, grad_var_bn):
+        mean_in, mean_bn = ctx.saved_tensors
+        n = mean_in.shape[0]
+        grad_mean_in = grad_var_in = None
+        if grad_var_bn is not None:
+            grad_var_bn = grad_var_bn / n
+            grad_var_in = grad_var_bn.expand_as(mean_in)
+            # the derivative through mean_bn vanishes: sum(mean_in - mean_bn)
+            # over n is 0
+            grad_mean_in = (mean_in - mean_bn) * (2 * grad_var_bn)
+        if grad_mean_bn is not None:
+            grad_mean_bn = (grad_mean_bn / n).expand_as(mean_in)
+            grad_mean_in = grad_mean_bn if grad_mean_in is None \
+                else grad_mean_in + grad_mean_bn
+        return grad_mean_in, grad_var_in
+
+
 def batch_stats_from_instance(mean_in: Tensor,
                               var_in: Tensor) -> Tuple[Tensor, Tensor]:
     """BN statistics per channel, pooled from the IN statistics over n.
@@ -65,18 +101,18 @@ def batch_stats_from_instance(mean_in: Tensor,
     ``mean(var_in + mean_in^2) - mean_bn^2`` exactly in real arithmetic, and
     avoids its cancellation in float32 for inputs with a large mean.
     """
-    mean_bn = mean_in.mean(0)
-    var_bn = (var_in + (mean_in - mean_bn).square()).mean(0)
-    return mean_bn, var_bn
+    if torch.compiler.is_compiling() or not (mean_in.requires_grad
+                                             or var_in.requires_grad):
+        mean_bn, var_bn = _pooled_stats(mean_in, var_in, 0)
+        return mean_bn.squeeze(0), var_bn.squeeze(0)
+    return _BatchStatsFromInstance.apply(mean_in, var_in)
 
 
 def layer_stats_from_instance(mean_in: Tensor,
                               var_in: Tensor) -> Tuple[Tensor, Tensor]:
     """LN statistics per sample, pooled from the IN statistics over c (in
     the same cancellation-free form as :func:`batch_stats_from_instance`)."""
-    mean_ln = mean_in.mean(1, keepdim=True)
-    var_ln = (var_in + (mean_in - mean_ln).square()).mean(1, keepdim=True)
-    return mean_ln, var_ln
+    return _pooled_stats(mean_in, var_in, 1)
 
 
 def mix_statistics(mean_in: Tensor, var_in: Tensor, mean_weight: Tensor,
