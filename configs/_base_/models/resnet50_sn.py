@@ -1,0 +1,17 @@
+# ResNet-50 v1 with Switchable Normalization, as the SN authors'
+# ``resnetv1sn50``: every BN of mmpretrain's ResNet becomes SN, and dropout
+# (p=0.5) sits between the global pool and ``fc``.
+_base_ = ['mmpretrain::_base_/models/resnet50.py']
+
+# mmsn registers 'SN' and the head; mmsn.models.heads is named explicitly so
+# the config works with any mmsn that ships the head.
+custom_imports = dict(
+    imports=['mmsn', 'mmsn.models.heads'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        norm_cfg=dict(type='SN', requires_grad=True),
+        # The authors' ``last_gamma=False`` (their default); the step-lr
+        # zoo rows switch it on.
+        zero_init_residual=False),
+    head=dict(type='DropoutLinearClsHead', dropout_rate=0.5))

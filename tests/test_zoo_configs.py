@@ -1,0 +1,235 @@
+"""Every zoo config states the authors' recipe and trains for one iteration.
+
+The recipe table below is written from the reference (the SN model zoo and
+the paper's batch-size study); the configs must agree with it, and every
+config on disk must be in it.
+"""
+import functools
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mmengine.config import Config
+from mmengine.logging import MMLogger
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import init_default_scope
+from mmengine.runner import Runner
+
+import mmsn  # noqa: F401
+from mmpretrain.registry import MODELS
+from mmsn.models.norms.switchable_norm import _SwitchableNorm
+
+from _zoo_data import (CONFIGS, REPO, make_imagenet_folder,
+                        point_at_tiny_data, zoo_configs)
+
+# name: (backbone, depth, norm, per-GPU batch, GPUs, lr, epochs, schedule,
+#        using_bn, zero_init_residual a.k.a. last_gamma)
+ZOO = {
+    'resnet50_sn_8xb32': ('ResNet', 50, 'SN', 32, 8, 0.1, 120, 'cos', True,
+                          False),
+    'resnet101_sn_8xb32': ('ResNet', 101, 'SN', 32, 8, 0.1, 120, 'cos',
+                           True, False),
+    'resnet50v2_sn_8xb32': ('PreActResNet', 50, 'SN', 32, 8, 0.1, 120, 'cos',
+                            True, False),
+    'resnet101v2_sn_8xb32': ('PreActResNet', 101, 'SN', 32, 8, 0.1, 120,
+                             'cos', True, False),
+    'resnet50_sn_8xb32_step': ('ResNet', 50, 'SN', 32, 8, 0.1, 100, 'step',
+                               True, True),
+    'resnet50_sn_8xb4': ('ResNet', 50, 'SN', 4, 8, 0.0125, 100, 'step', True,
+                         True),
+    'resnet50_sn_8xb1': ('ResNet', 50, 'SN', 1, 8, 0.003125, 100, 'step',
+                         False, True),
+}
+STUDY_CELLS = [(8, 32), (8, 16), (8, 8), (8, 4), (8, 2), (1, 16), (1, 32),
+               (8, 1), (1, 8)]
+for _norm in ('BN', 'GN', 'SN'):
+    for _g, _b in STUDY_CELLS:
+        ZOO[f'batch_study/resnet50_{_norm.lower()}_{_g}xb{_b}'] = (
+            'ResNet', 50, _norm, _b, _g, 0.1 * _g * _b / 256, 100, 'step',
+            not (_norm == 'SN' and _b == 1), True)
+
+# Published top-1 / top-5 of the zoo (reference table).
+PUBLISHED = {
+    'resnet101v2_sn_8xb32': (78.81, 94.16),
+    'resnet101_sn_8xb32': (78.54, 94.10),
+    'resnet50v2_sn_8xb32': (77.57, 93.65),
+    'resnet50_sn_8xb32': (77.49, 93.32),
+    'resnet50_sn_8xb32_step': (76.92, 93.26),
+    'resnet50_sn_8xb4': (75.85, 92.70),
+    'resnet50_sn_8xb1': (75.94, 92.70),
+}
+
+
+def _key(path):
+    return str(Path(path).relative_to('configs').with_suffix(''))
+
+
+@functools.lru_cache(maxsize=None)
+def _cfg_text(path):
+    return Config.fromfile(str(REPO / path)).dump()
+
+
+def _load_cfg(path):
+    # Parsing a config with mmpretrain:: bases takes ~1 s; parse once.
+    return Config.fromstring(_cfg_text(path), '.py')
+
+
+def _published_params():
+    meta = yaml.safe_load((CONFIGS / 'metafile.yml').read_text())
+    return {
+        Path(m['Config']).stem: m['Metadata']['Parameters']
+        for m in meta['Models']
+    }
+
+
+def test_every_config_has_a_recipe():
+    assert sorted(_key(p) for p in zoo_configs()) == sorted(ZOO)
+    assert len(ZOO) == 7 + 27
+
+
+@pytest.mark.parametrize('path', zoo_configs(), ids=_key)
+def test_recipe(path):
+    (backbone, depth, norm, batch, gpus, lr, epochs, schedule, using_bn,
+     zero_init) = ZOO[_key(path)]
+    cfg = _load_cfg(path)
+    assert 'mmsn' in cfg.custom_imports.imports
+    assert cfg.default_scope == 'mmpretrain'
+
+    # Model: backbone, norm, last_gamma, dropout 0.5 before fc.
+    bb = cfg.model.backbone
+    assert (bb.type, bb.depth, bb.norm_cfg.type) == (backbone, depth, norm)
+    assert bb.norm_cfg.get('using_bn', True) is using_bn
+    if norm == 'GN':
+        assert bb.norm_cfg.num_groups == 32
+    assert bb.zero_init_residual is zero_init
+    assert cfg.model.head.type == 'DropoutLinearClsHead'
+    assert cfg.model.head.dropout_rate == 0.5
+    assert cfg.model.head.num_classes == 1000
+
+    # Batch and lr: lr is 0.1 per 256 images, for the config's total batch.
+    assert cfg.train_dataloader.batch_size == batch
+    assert cfg.auto_scale_lr.base_batch_size == batch * gpus
+    assert math.isclose(cfg.optim_wrapper.optimizer.lr, lr)
+    assert math.isclose(lr, 0.1 * batch * gpus / 256)
+    # The GPU count and per-GPU batch are in the name, as OpenMMLab does.
+    assert re.search(rf'_{gpus}xb{batch}(_|$)', _key(path))
+
+    opt = cfg.optim_wrapper.optimizer
+    assert (opt.type, opt.momentum, opt.weight_decay) == ('SGD', 0.9, 1e-4)
+    # Weight decay on every parameter (importance weights included).
+    assert 'paramwise_cfg' not in cfg.optim_wrapper
+
+    # Schedule.
+    assert cfg.train_cfg.by_epoch and cfg.train_cfg.max_epochs == epochs
+    sched = cfg.param_scheduler
+    if schedule == 'cos':
+        warmup, cosine = sched
+        assert warmup.type == 'LinearLR' and warmup.start_factor == 0
+        assert (warmup.begin, warmup.end) == (0, 5)
+        assert cosine.type == 'CosineAnnealingLR'
+        assert (cosine.begin, cosine.end, cosine.T_max) == (5, 120, 115)
+        assert cosine.eta_min == 0
+        assert warmup.convert_to_iter_based and cosine.convert_to_iter_based
+    else:
+        assert sched.type == 'MultiStepLR'
+        assert sched.milestones == [30, 60, 90] and sched.gamma == 0.1
+
+    # Augmentation: RandomResizedCrop 224 + flip + PCA lighting; test
+    # resize 256 + centre crop 224; ImageNet mean/std.
+    train = cfg.train_dataloader.dataset.pipeline
+    assert [t.type for t in train] == [
+        'LoadImageFromFile', 'RandomResizedCrop', 'RandomFlip', 'Lighting',
+        'PackInputs'
+    ]
+    assert train[1].scale == 224
+    assert train[2].prob == 0.5 and train[2].direction == 'horizontal'
+    assert train[3].alphastd == 0.1 and len(train[3].eigval) == 3
+    for key in ('val_dataloader', 'test_dataloader'):
+        test = cfg[key].dataset.pipeline
+        assert [t.type for t in test] == [
+            'LoadImageFromFile', 'ResizeEdge', 'CenterCrop', 'PackInputs'
+        ]
+        assert (test[1].scale, test[1].edge) == (256, 'short')
+        assert test[2].crop_size == 224
+    assert cfg.data_preprocessor.mean == [123.675, 116.28, 103.53]
+    assert cfg.data_preprocessor.std == [58.395, 57.12, 57.375]
+    assert cfg.val_evaluator.topk == (1, 5)
+
+
+@pytest.fixture(scope='module')
+def tiny_imagenet(tmp_path_factory):
+    # A quiet current logger: init_weights otherwise logs every parameter.
+    MMLogger.get_instance('test_zoo_configs', log_level='WARNING')
+    return make_imagenet_folder(tmp_path_factory.mktemp('imagenet'))
+
+
+@pytest.mark.parametrize('path', zoo_configs(), ids=_key)
+def test_one_train_iteration(path, tiny_imagenet):
+    norm, using_bn = ZOO[_key(path)][2], ZOO[_key(path)][8]
+    cfg = point_at_tiny_data(_load_cfg(path), tiny_imagenet)
+    init_default_scope(cfg.default_scope)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+
+    params = _published_params().get(_key(path))
+    if params is not None:
+        assert sum(p.numel() for p in model.parameters()) == params
+    sns = [m for m in model.modules() if isinstance(m, _SwitchableNorm)]
+    if norm == 'SN':
+        assert sns and all(m.using_bn is using_bn for m in sns)
+        assert all(
+            m.mean_weight.numel() == (3 if using_bn else 2) for m in sns)
+    else:
+        assert not sns
+
+    loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    batch = next(iter(loader))
+    assert batch['inputs'][0].shape[-2:] == (64, 64)
+    fc_before = model.head.fc.weight.detach().clone()
+    importance_before = [m.mean_weight.detach().clone() for m in sns]
+    model.train()
+    log_vars = model.train_step(batch, optim_wrapper)
+    assert torch.isfinite(log_vars['loss'])
+    assert not torch.equal(model.head.fc.weight, fc_before)
+    # The importance weights are trained too (and decayed).
+    for m, before in zip(sns, importance_before):
+        assert torch.isfinite(m.mean_weight).all()
+        assert not torch.equal(m.mean_weight, before)
+
+    model.eval()
+    val_batch = next(iter(Runner.build_dataloader(cfg.val_dataloader)))
+    with torch.no_grad():
+        preds = model.val_step(val_batch)
+    assert len(preds) == len(val_batch['data_samples'])
+    assert preds[0].pred_score.shape == (1000, )
+    assert torch.isfinite(preds[0].pred_score).all()
+
+
+def test_readme_and_metafile_list_the_zoo():
+    meta = yaml.safe_load((CONFIGS / 'metafile.yml').read_text())
+    models = {Path(m['Config']).stem: m for m in meta['Models']}
+    assert sorted(models) == sorted(PUBLISHED)
+    readme = (CONFIGS / 'README.md').read_text()
+    for name, (top1, top5) in PUBLISHED.items():
+        (metrics, ) = [
+            r['Metrics'] for r in models[name]['Results']
+            if r['Dataset'] == 'ImageNet-1k'
+        ]
+        assert metrics['Top 1 Accuracy'] == pytest.approx(top1)
+        assert metrics['Top 5 Accuracy'] == pytest.approx(top5)
+        assert (REPO / models[name]['Config']).is_file()
+        assert models[name]['In Collection'] in {
+            c['Name']
+            for c in meta['Collections']
+        }
+        assert f'({name}.py)' in readme
+        assert f'{top1:.2f}' in readme
+    # The batch-study configs are linked from the README too.
+    for path in zoo_configs():
+        if path.startswith('configs/batch_study/'):
+            assert f'(batch_study/{Path(path).name})' in readme
