@@ -323,3 +323,18 @@ def test_torch_compile_matches_eager(training):
     for (name, b), b2 in zip(eager.named_buffers(),
                              compiled_model.buffers()):
         torch.testing.assert_close(b2, b, msg=lambda m: f'{name}: {m}')
+
+
+def test_many_rows_run_small_ops_serially_and_restore_threads(monkeypatch):
+    """N*C >= 32768: the per-(n, c) algebra runs on one thread; the thread
+    count is restored and the results still match."""
+    threads = torch.get_num_threads()
+    shape = (16, 2048, 2, 2)
+    layer = SwitchableNorm2d(2048)
+    ref = copy.deepcopy(layer)
+    x = make_input(shape)
+    grad_out = torch.randn(shape)
+    got = run(layer, x, grad_out, '', monkeypatch, steps=1)
+    assert torch.get_num_threads() == threads
+    want = run(ref, x, grad_out, 'composite', monkeypatch, steps=1)
+    assert_all_close(got, want, 1e-5)

@@ -22,6 +22,7 @@ Two execution paths give the same numbers:
 * the composite path (plain autograd), used under ``torch.compile`` (where
   inductor fuses it), for double backward and as the reference in tests.
 """
+import contextlib
 import os
 from typing import Callable, Optional, Tuple
 
@@ -176,6 +177,29 @@ def _use_native_cpu_kernels(x: Tensor) -> bool:
     return x.device.type == 'cpu' and _FORCED_PATH != 'generic'
 
 
+# at::internal::GRAIN_SIZE: CPU ops on fewer elements run on one thread.
+_GRAIN_SIZE = 32768
+
+
+@contextlib.contextmanager
+def _serial_small_ops(numel: int, device: torch.device):
+    """Run the per-(n, c) algebra (dozens of small ops) on one thread.
+
+    With N*C >= 32768 each of these ops would open an OpenMP parallel region;
+    a region costs microseconds on an idle machine but up to a scheduler
+    time slice (milliseconds) on a busy one, for no gain on so little data.
+    """
+    threads = torch.get_num_threads()
+    if device.type != 'cpu' or numel < _GRAIN_SIZE or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _instance_moments(x3: Tensor, correction: int):
     """IN mean and variance (N, C) and, on the CPU, a scratch buffer holding
     ``(x - mean_in) * rstd`` that the output is written into in place."""
@@ -185,9 +209,10 @@ def _instance_moments(x3: Tensor, correction: int):
         # vectorized Welford pass for the moments (no cancellation).
         buf, mean_in, rstd = _aten.native_group_norm(x3, None, None, n, c,
                                                      length, c, _TINY_VAR)
-        var_in = rstd.pow(-2)
-        if correction:
-            var_in.mul_(length / (length - correction))
+        with _serial_small_ops(n * c, x3.device):
+            var_in = rstd.pow(-2)
+            if correction:
+                var_in.mul_(length / (length - correction))
         return mean_in, var_in, (buf, rstd)
     var_in, mean_in = torch.var_mean(x3, dim=2, correction=correction)
     return mean_in, var_in, None
@@ -203,9 +228,10 @@ def _rows_affine(x3: Tensor, scratch, mean_in: Tensor, scale: Tensor,
         buf1 = buf.view(1, rows, length)
         # buf = (x - mean_in) * rstd; BatchNorm's inference kernel on the
         # (1, N*C, L) view applies a per-row affine map, in place.
-        alpha = (scale / rstd).reshape(rows)
-        ones = torch.ones(rows, dtype=buf.dtype, device=buf.device)
-        zeros = torch.zeros(rows, dtype=buf.dtype, device=buf.device)
+        with _serial_small_ops(rows, buf.device):
+            alpha = (scale / rstd).reshape(rows)
+            ones = torch.ones(rows, dtype=buf.dtype, device=buf.device)
+            zeros = torch.zeros(rows, dtype=buf.dtype, device=buf.device)
         _aten.native_batch_norm.out(
             buf1, alpha, shift.reshape(rows), zeros, ones, False, 0.0, 0.0,
             out=buf1, save_mean=buf.new_empty(0),
@@ -222,11 +248,11 @@ def _rows_grad_sums(grad_y: Tensor, x3: Tensor,
     its weight and bias gradients."""
     n, c, length = x3.shape
     rows = n * c
+    with _serial_small_ops(rows, x3.device):
+        ones = torch.ones(rows, dtype=x3.dtype, device=x3.device)
     _, dot, sum_dy = _aten.native_batch_norm_backward(
         grad_y.view(1, rows, length), x3.view(1, rows, length), None, None,
-        None, mean_in.reshape(rows),
-        torch.ones(rows, dtype=x3.dtype, device=x3.device), True, 0.0,
-        [False, True, True])
+        None, mean_in.reshape(rows), ones, True, 0.0, [False, True, True])
     return dot.view(n, c), sum_dy.view(n, c)
 
 
@@ -236,8 +262,9 @@ def _rows_grad_input(grad_y: Tensor, x3: Tensor, a: Tensor, b: Tensor,
     n, c, length = x3.shape
     if _use_native_cpu_kernels(x3):
         rows = n * c
-        ones = torch.ones(rows, dtype=x3.dtype, device=x3.device)
-        zeros = torch.zeros(rows, dtype=x3.dtype, device=x3.device)
+        with _serial_small_ops(rows, x3.device):
+            ones = torch.ones(rows, dtype=x3.dtype, device=x3.device)
+            zeros = torch.zeros(rows, dtype=x3.dtype, device=x3.device)
         grad_x = _aten.native_batch_norm(
             grad_y.view(1, rows, length), a.reshape(rows),
             const.reshape(rows), zeros, ones, False, 0.0, 0.0)[0]
@@ -293,22 +320,23 @@ class _FusedSwitchableNorm(torch.autograd.Function):
         # The BN statistics may be pooled across processes: differentiate
         # whatever batch_stats_fn does with autograd (only when the input
         # needs a gradient: the others do not depend on it).
-        leaves = None
-        if ctx.needs_input_grad[0]:
-            with torch.enable_grad():
-                leaves = (mean_in.detach().requires_grad_(),
-                          var_in.detach().requires_grad_())
-                batch_graph = batch_stats_fn(*leaves)
-        else:
-            batch_graph = batch_stats_fn(mean_in, var_in)
-        batch = None
-        if batch_graph is not None:
-            batch = tuple(t.detach() for t in batch_graph)
-            if not any(t.requires_grad for t in batch_graph):
-                batch_graph = None
-        w, u, _, _, scale, shift, _, _ = _small_forward(
-            mean_in, var_in, weight, bias, mean_weight, var_weight, batch,
-            eps)
+        with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
+            leaves = None
+            if ctx.needs_input_grad[0]:
+                with torch.enable_grad():
+                    leaves = (mean_in.detach().requires_grad_(),
+                              var_in.detach().requires_grad_())
+                    batch_graph = batch_stats_fn(*leaves)
+            else:
+                batch_graph = batch_stats_fn(mean_in, var_in)
+            batch = None
+            if batch_graph is not None:
+                batch = tuple(t.detach() for t in batch_graph)
+                if not any(t.requires_grad for t in batch_graph):
+                    batch_graph = None
+            w, u, _, _, scale, shift, _, _ = _small_forward(
+                mean_in, var_in, weight, bias, mean_weight, var_weight, batch,
+                eps)
         y = _rows_affine(xf, scratch, mean_in, scale, shift).to(x.dtype)
 
         ctx.save_for_backward(x, mean_in, var_in)
@@ -338,60 +366,64 @@ class _FusedSwitchableNorm(torch.autograd.Function):
         batch = ctx.batch
 
         dot, sum_dy = _rows_grad_sums(dy, xf, mean_in)
-        w, u, mean, rstd, scale, _, mean_ln, var_ln = _small_forward(
-            mean_in, var_in, ctx.weight, ctx.bias, *ctx.logits, batch,
-            ctx.eps)
+        with _serial_small_ops(n * c, xf.device):
+            w, u, mean, rstd, scale, _, mean_ln, var_ln = _small_forward(
+                mean_in, var_in, ctx.weight, ctx.bias, *ctx.logits, batch,
+                ctx.eps)
 
-        # y = (x - mean) * scale + beta, per row: gradients of the mixed
-        # statistics.
-        grad_centered = torch.addcmul(dot, mean_in - mean, sum_dy)
-        grad_mean = -scale * sum_dy
-        # d/dvar of rsqrt(var + eps) = -rstd^3 / 2
-        grad_var = grad_centered * scale * rstd.square() * -0.5
+            # y = (x - mean) * scale + beta, per row: gradients of the mixed
+            # statistics.
+            grad_centered = torch.addcmul(dot, mean_in - mean, sum_dy)
+            grad_mean = -scale * sum_dy
+            # d/dvar of rsqrt(var + eps) = -rstd^3 / 2
+            grad_var = grad_centered * scale * rstd.square() * -0.5
 
-        grads = [None] * 5
-        if need_w:
-            grads[1] = (grad_centered * rstd).sum(0)
-        if need_b:
-            grads[2] = sum_dy.sum(0)
-        if need_mw or need_vw or need_x:
-            gm_row = grad_mean.sum(1, keepdim=True)
-            gv_row = grad_var.sum(1, keepdim=True)
-            gm_col = grad_mean.sum(0) if batch is not None else None
-            gv_col = grad_var.sum(0) if batch is not None else None
-        if need_mw:
-            grads[3] = _softmax_grad(w, grad_mean, gm_row, gm_col, mean_in,
-                                     mean_ln, batch and batch[0])
-        if need_vw:
-            grads[4] = _softmax_grad(u, grad_var, gv_row, gv_col, var_in,
-                                     var_ln, batch and batch[1])
+            grads = [None] * 5
+            if need_w:
+                grads[1] = (grad_centered * rstd).sum(0)
+            if need_b:
+                grads[2] = sum_dy.sum(0)
+            if need_mw or need_vw or need_x:
+                gm_row = grad_mean.sum(1, keepdim=True)
+                gv_row = grad_var.sum(1, keepdim=True)
+                gm_col = grad_mean.sum(0) if batch is not None else None
+                gv_col = grad_var.sum(0) if batch is not None else None
+            if need_mw:
+                grads[3] = _softmax_grad(w, grad_mean, gm_row, gm_col,
+                                         mean_in, mean_ln,
+                                         batch and batch[0])
+            if need_vw:
+                grads[4] = _softmax_grad(u, grad_var, gv_row, gv_col,
+                                         var_in, var_ln,
+                                         batch and batch[1])
+            if need_x:
+                # LN: mean_ln = mean_c(mean_in),
+                #     var_ln = mean_c(var_in + (mean_in - mean_ln)^2)
+                gv_ln = gv_row * (u[1] / c)
+                grad_mean_in = torch.addcmul(gm_row * (w[1] / c), w[0],
+                                             grad_mean)
+                grad_mean_in += (mean_in - mean_ln) * (2 * gv_ln)
+                grad_var_in = torch.addcmul(gv_ln, u[0], grad_var)
+                if ctx.batch_graph is not None:
+                    (mean_bn, var_bn), leaves = ctx.batch_graph
+                    outs, outs_grads = [], []
+                    for t, g in ((mean_bn, gm_col * w[2]),
+                                 (var_bn, gv_col * u[2])):
+                        if t.requires_grad:
+                            outs.append(t)
+                            outs_grads.append(g.to(t.dtype))
+                    g_m, g_v = torch.autograd.grad(
+                        outs, leaves, outs_grads, retain_graph=True,
+                        allow_unused=True)
+                    if g_m is not None:
+                        grad_mean_in += g_m
+                    if g_v is not None:
+                        grad_var_in += g_v
+                # d var_in / dx = 2 (x - mean_in) / (L - correction),
+                # d mean_in / dx = 1 / L
+                coef_x = grad_var_in * (2.0 / (length - ctx.correction))
+                const = grad_mean_in / length - coef_x * mean_in
         if need_x:
-            # LN: mean_ln = mean_c(mean_in),
-            #     var_ln = mean_c(var_in + (mean_in - mean_ln)^2)
-            gv_ln = gv_row * (u[1] / c)
-            grad_mean_in = torch.addcmul(gm_row * (w[1] / c), w[0],
-                                         grad_mean)
-            grad_mean_in += (mean_in - mean_ln) * (2 * gv_ln)
-            grad_var_in = torch.addcmul(gv_ln, u[0], grad_var)
-            if ctx.batch_graph is not None:
-                (mean_bn, var_bn), leaves = ctx.batch_graph
-                outs, outs_grads = [], []
-                for t, g in ((mean_bn, gm_col * w[2]),
-                             (var_bn, gv_col * u[2])):
-                    if t.requires_grad:
-                        outs.append(t)
-                        outs_grads.append(g.to(t.dtype))
-                g_m, g_v = torch.autograd.grad(
-                    outs, leaves, outs_grads, retain_graph=True,
-                    allow_unused=True)
-                if g_m is not None:
-                    grad_mean_in += g_m
-                if g_v is not None:
-                    grad_var_in += g_v
-            # d var_in / dx = 2 (x - mean_in) / (L - correction),
-            # d mean_in / dx = 1 / L
-            coef_x = grad_var_in * (2.0 / (length - ctx.correction))
-            const = grad_mean_in / length - coef_x * mean_in
             grads[0] = _rows_grad_input(dy, xf, scale, coef_x,
                                         const).to(x.dtype)
         for i, dtype in enumerate(ctx.param_dtypes, 1):
@@ -418,10 +450,11 @@ def _fast_forward_no_grad(x3, weight, bias, mean_weight, var_weight,
                           batch_stats_fn, eps, correction):
     xf = x3.float() if x3.dtype in _LOW_PRECISION else x3
     mean_in, var_in, scratch = _instance_moments(xf, correction)
-    batch = batch_stats_fn(mean_in, var_in)
-    *_, scale, shift, _, _ = _small_forward(mean_in, var_in, weight, bias,
-                                            mean_weight, var_weight, batch,
-                                            eps)
+    with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
+        batch = batch_stats_fn(mean_in, var_in)
+        *_, scale, shift, _, _ = _small_forward(
+            mean_in, var_in, weight, bias, mean_weight, var_weight, batch,
+            eps)
     return _rows_affine(xf, scratch, mean_in, scale, shift).to(x3.dtype)
 
 
