@@ -277,30 +277,42 @@ def _rows_grad_input(grad_y: Tensor, x3: Tensor, a: Tensor, b: Tensor,
 # ---------------------------------------------------------------------------
 # Small per-(n, c) algebra of the fast path, forward and closed-form backward
 # ---------------------------------------------------------------------------
-def _mix(mean_in, var_in, w, u, batch):
-    """Mixed mean and variance (N, C), and the LN statistics (N, 1)."""
-    mean_ln, var_ln = layer_stats_from_instance(mean_in, var_in)
-    mean = torch.addcmul(w[1] * mean_ln, w[0], mean_in)
-    var = torch.addcmul(u[1] * var_ln, u[0], var_in)
+def _mix(mean_in, var_in, w, u, ln, batch, eps):
+    """Mixed mean and ``var + eps`` (N, C), given the LN statistics (N, 1)
+    and the BN ones (C,) or None."""
+    mean_small = w[1] * ln[0]
+    var_small = u[1] * ln[1] + eps
     if batch is not None:
-        mean = mean + w[2] * batch[0]
-        var = var + u[2] * batch[1]
-    return mean, var, mean_ln, var_ln
+        mean_small = mean_small + w[2] * batch[0]
+        var_small = var_small + u[2] * batch[1]
+    return (torch.addcmul(mean_small, w[0], mean_in),
+            torch.addcmul(var_small, u[0], var_in))
 
 
-def _small_forward(mean_in, var_in, weight, bias, mean_weight, var_weight,
-                   batch, eps):
-    dtype = mean_in.dtype
-    w = torch.softmax(mean_weight.detach().to(dtype), 0)
-    u = torch.softmax(var_weight.detach().to(dtype), 0)
-    mean, var, mean_ln, var_ln = _mix(mean_in, var_in, w, u, batch)
-    rstd = torch.rsqrt(var + eps)
-    scale = rstd if weight is None else rstd * weight.detach().to(dtype)
+def _small_forward(mean_in, var_in, weight, bias, w, u, ln, batch, eps):
+    mean, var_eps = _mix(mean_in, var_in, w, u, ln, batch, eps)
+    rstd = torch.rsqrt(var_eps)
+    scale = rstd if weight is None else rstd * weight
     # y = (x - mean_in) * scale + shift
     shift = (mean_in - mean) * scale
     if bias is not None:
-        shift += bias.detach().to(dtype)
-    return w, u, mean, rstd, scale, shift, mean_ln, var_ln
+        shift += bias
+    return mean, rstd, scale, shift
+
+
+def _probs(mean_weight, var_weight, dtype):
+    return (torch.softmax(mean_weight.detach().to(dtype), 0).unbind(),
+            torch.softmax(var_weight.detach().to(dtype), 0).unbind())
+
+
+def _is_default_batch_stats(batch_graph) -> bool:
+    node = batch_graph[0].grad_fn
+    return (type(node) is _BatchStatsFromInstance._backward_cls
+            and batch_graph[1].grad_fn is node)
+
+
+def _param(t, dtype):
+    return None if t is None else t.detach().to(dtype)
 
 
 class _FusedSwitchableNorm(torch.autograd.Function):
@@ -316,11 +328,13 @@ class _FusedSwitchableNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean_weight, var_weight, batch_stats_fn,
                 eps, correction):
         xf = x.float() if x.dtype in _LOW_PRECISION else x
+        dtype = xf.dtype
         mean_in, var_in, scratch = _instance_moments(xf, correction)
-        # The BN statistics may be pooled across processes: differentiate
-        # whatever batch_stats_fn does with autograd (only when the input
-        # needs a gradient: the others do not depend on it).
         with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
+            # The BN statistics may be pooled across processes:
+            # batch_stats_fn is differentiated by autograd (only when the
+            # input needs a gradient; the others do not depend on it), except
+            # for the default pooling, whose gradient is written out below.
             leaves = None
             if ctx.needs_input_grad[0]:
                 with torch.enable_grad():
@@ -329,30 +343,30 @@ class _FusedSwitchableNorm(torch.autograd.Function):
                     batch_graph = batch_stats_fn(*leaves)
             else:
                 batch_graph = batch_stats_fn(mean_in, var_in)
-            batch = None
+            batch, ctx.pooled_bn = None, False
             if batch_graph is not None:
                 batch = tuple(t.detach() for t in batch_graph)
                 if not any(t.requires_grad for t in batch_graph):
                     batch_graph = None
-            w, u, _, _, scale, shift, _, _ = _small_forward(
-                mean_in, var_in, weight, bias, mean_weight, var_weight, batch,
-                eps)
+                elif _is_default_batch_stats(batch_graph):
+                    batch_graph, ctx.pooled_bn = None, True
+            w, u = _probs(mean_weight, var_weight, dtype)
+            ln = layer_stats_from_instance(mean_in, var_in)
+            weight_, bias_ = _param(weight, dtype), _param(bias, dtype)
+            _, _, scale, shift = _small_forward(mean_in, var_in, weight_,
+                                                bias_, w, u, ln, batch, eps)
         y = _rows_affine(xf, scratch, mean_in, scale, shift).to(x.dtype)
 
         ctx.save_for_backward(x, mean_in, var_in)
-        ctx.batch = batch
+        # small: (K,), (N, 1), (C,)
+        ctx.small = (w, u, ln, batch, weight_, bias_)
         ctx.batch_graph = (batch_graph, leaves) if batch_graph else None
         ctx.eps = eps
         ctx.correction = correction
-        ctx.has_weight = weight is not None
-        ctx.has_bias = bias is not None
         ctx.param_dtypes = [
             None if t is None else t.dtype
             for t in (weight, bias, mean_weight, var_weight)
         ]
-        ctx.weight = None if weight is None else weight.detach()
-        ctx.bias = None if bias is None else bias.detach()
-        ctx.logits = (mean_weight.detach(), var_weight.detach())
         return y
 
     @staticmethod
@@ -363,84 +377,101 @@ class _FusedSwitchableNorm(torch.autograd.Function):
         xf = x.float() if x.dtype in _LOW_PRECISION else x
         dy = grad_y.contiguous().to(xf.dtype)
         n, c, length = xf.shape
-        batch = ctx.batch
+        w, u, ln, batch, weight, bias = ctx.small
 
         dot, sum_dy = _rows_grad_sums(dy, xf, mean_in)
+        grads = [None] * 5
         with _serial_small_ops(n * c, xf.device):
-            w, u, mean, rstd, scale, _, mean_ln, var_ln = _small_forward(
-                mean_in, var_in, ctx.weight, ctx.bias, *ctx.logits, batch,
-                ctx.eps)
-
-            # y = (x - mean) * scale + beta, per row: gradients of the mixed
-            # statistics.
+            mean, rstd, scale, _ = _small_forward(mean_in, var_in, weight,
+                                                  None, w, u, ln, batch,
+                                                  ctx.eps)
+            # y = (x - mean) * scale + beta per row; gradients of the mixed
+            # mean and variance:
             grad_centered = torch.addcmul(dot, mean_in - mean, sum_dy)
-            grad_mean = -scale * sum_dy
-            # d/dvar of rsqrt(var + eps) = -rstd^3 / 2
-            grad_var = grad_centered * scale * rstd.square() * -0.5
-
-            grads = [None] * 5
+            neg_grad_mean = scale * sum_dy
+            # d rsqrt(var + eps) / dvar = -rstd^3 / 2
+            grad_var = grad_centered * (scale * rstd).mul_(rstd).mul_(-0.5)
             if need_w:
                 grads[1] = (grad_centered * rstd).sum(0)
             if need_b:
                 grads[2] = sum_dy.sum(0)
-            if need_mw or need_vw or need_x:
-                gm_row = grad_mean.sum(1, keepdim=True)
-                gv_row = grad_var.sum(1, keepdim=True)
-                gm_col = grad_mean.sum(0) if batch is not None else None
-                gv_col = grad_var.sum(0) if batch is not None else None
+            gm_row = neg_grad_mean.sum(1, keepdim=True)
+            gv_row = grad_var.sum(1, keepdim=True)
+            gm_col = gv_col = None
+            if batch is not None:
+                gm_col = neg_grad_mean.sum(0)
+                gv_col = grad_var.sum(0)
             if need_mw:
-                grads[3] = _softmax_grad(w, grad_mean, gm_row, gm_col,
-                                         mean_in, mean_ln,
-                                         batch and batch[0])
+                grads[3] = -_softmax_grad(w, neg_grad_mean, gm_row, gm_col,
+                                          mean_in, ln[0], batch, 0)
             if need_vw:
-                grads[4] = _softmax_grad(u, grad_var, gv_row, gv_col,
-                                         var_in, var_ln,
-                                         batch and batch[1])
+                grads[4] = _softmax_grad(u, grad_var, gv_row, gv_col, var_in,
+                                         ln[1], batch, 1)
             if need_x:
-                # LN: mean_ln = mean_c(mean_in),
-                #     var_ln = mean_c(var_in + (mean_in - mean_ln)^2)
-                gv_ln = gv_row * (u[1] / c)
-                grad_mean_in = torch.addcmul(gm_row * (w[1] / c), w[0],
-                                             grad_mean)
-                grad_mean_in += (mean_in - mean_ln) * (2 * gv_ln)
-                grad_var_in = torch.addcmul(gv_ln, u[0], grad_var)
-                if ctx.batch_graph is not None:
-                    (mean_bn, var_bn), leaves = ctx.batch_graph
-                    outs, outs_grads = [], []
-                    for t, g in ((mean_bn, gm_col * w[2]),
-                                 (var_bn, gv_col * u[2])):
-                        if t.requires_grad:
-                            outs.append(t)
-                            outs_grads.append(g.to(t.dtype))
-                    g_m, g_v = torch.autograd.grad(
-                        outs, leaves, outs_grads, retain_graph=True,
-                        allow_unused=True)
-                    if g_m is not None:
-                        grad_mean_in += g_m
-                    if g_v is not None:
-                        grad_var_in += g_v
-                # d var_in / dx = 2 (x - mean_in) / (L - correction),
-                # d mean_in / dx = 1 / L
-                coef_x = grad_var_in * (2.0 / (length - ctx.correction))
-                const = grad_mean_in / length - coef_x * mean_in
+                coef_x, const = _instance_stats_grads(
+                    ctx, mean_in, w, u, ln, batch, neg_grad_mean, grad_var,
+                    gm_row, gv_row, gm_col, gv_col, length)
         if need_x:
             grads[0] = _rows_grad_input(dy, xf, scale, coef_x,
                                         const).to(x.dtype)
         for i, dtype in enumerate(ctx.param_dtypes, 1):
-            if grads[i] is not None:
+            if grads[i] is not None and grads[i].dtype != dtype:
                 grads[i] = grads[i].to(dtype)
         return (*grads, None, None, None)
 
 
+def _instance_stats_grads(ctx, mean_in, w, u, ln, batch, neg_grad_mean,
+                          grad_var, gm_row, gv_row, gm_col, gv_col, length):
+    """Coefficients of ``dx = scale * dy + coef_x * x + const`` from the
+    gradients of the mixed statistics, through the IN, LN and BN branches.
+    """
+    n, c = mean_in.shape
+    # pooled stats: mean_p = mean(mean_in), var_p = mean(var_in +
+    # (mean_in - mean_p)^2) have d/dmean_in = (1 + 2 g_var (mean_in -
+    # mean_p)) / count and d/dvar_in = 1 / count (the term through mean_p
+    # vanishes: mean_in - mean_p sums to 0).
+    gv_ln = gv_row * (u[1] / c)
+    neg_gm_small = gm_row * (w[1] / c)
+    gv_small = gv_ln
+    if ctx.pooled_bn:
+        gv_bn = gv_col * (u[2] / n)
+        neg_gm_small = neg_gm_small + gm_col * (w[2] / n)
+        gv_small = gv_small + gv_bn
+    grad_mean_in = torch.addcmul(neg_gm_small, w[0], neg_grad_mean).neg_()
+    grad_mean_in.addcmul_(mean_in - ln[0], gv_ln, value=2)
+    if ctx.pooled_bn:
+        grad_mean_in.addcmul_(mean_in - batch[0], gv_bn, value=2)
+    grad_var_in = torch.addcmul(gv_small, u[0], grad_var)
+    if ctx.batch_graph is not None:
+        (mean_bn, var_bn), leaves = ctx.batch_graph
+        outs, outs_grads = [], []
+        for t, g in ((mean_bn, gm_col * -w[2]), (var_bn, gv_col * u[2])):
+            if t.requires_grad:
+                outs.append(t)
+                outs_grads.append(g.to(t.dtype))
+        g_m, g_v = torch.autograd.grad(
+            outs, leaves, outs_grads, retain_graph=True, allow_unused=True)
+        if g_m is not None:
+            grad_mean_in += g_m
+        if g_v is not None:
+            grad_var_in += g_v
+    # d var_in / dx = 2 (x - mean_in) / (L - correction), d mean_in / dx = 1/L
+    coef_x = grad_var_in * (2.0 / (length - ctx.correction))
+    const = torch.addcmul(grad_mean_in / length, coef_x, mean_in, value=-1)
+    return coef_x, const
+
+
 def _softmax_grad(probs, grad_mixed, row_sums, col_sums, stat_in, stat_ln,
-                  stat_bn):
+                  batch, index):
     """Gradient of the importance logits, given the gradient of
     ``sum_k probs_k * stat_k`` (N, C) and its row/column sums."""
-    parts = [(grad_mixed * stat_in).sum(), (row_sums * stat_ln).sum()]
+    parts = [torch.dot(grad_mixed.reshape(-1), stat_in.reshape(-1)),
+             torch.dot(row_sums.reshape(-1), stat_ln.reshape(-1))]
     if col_sums is not None:
-        parts.append((col_sums * stat_bn).sum())
+        parts.append(torch.dot(col_sums, batch[index]))
     grad_probs = torch.stack(parts)
-    return probs * (grad_probs - (probs * grad_probs).sum())
+    probs = torch.stack(probs)
+    return probs * (grad_probs - torch.dot(probs, grad_probs))
 
 
 # ---------------------------------------------------------------------------
@@ -450,11 +481,15 @@ def _fast_forward_no_grad(x3, weight, bias, mean_weight, var_weight,
                           batch_stats_fn, eps, correction):
     xf = x3.float() if x3.dtype in _LOW_PRECISION else x3
     mean_in, var_in, scratch = _instance_moments(xf, correction)
+    dtype = xf.dtype
     with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
         batch = batch_stats_fn(mean_in, var_in)
-        *_, scale, shift, _, _ = _small_forward(
-            mean_in, var_in, weight, bias, mean_weight, var_weight, batch,
-            eps)
+        w, u = _probs(mean_weight, var_weight, dtype)
+        ln = layer_stats_from_instance(mean_in, var_in)
+        _, _, scale, shift = _small_forward(mean_in, var_in,
+                                            _param(weight, dtype),
+                                            _param(bias, dtype), w, u, ln,
+                                            batch, eps)
     return _rows_affine(xf, scratch, mean_in, scale, shift).to(x3.dtype)
 
 
