@@ -21,6 +21,7 @@ Usage::
 import argparse
 import gc
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -361,7 +362,8 @@ def main():
     print(f'## Norm layers, {name}, {str(args.dtype)[6:]}, torch '
           f'{torch.__version__}, {args.reps} interleaved repetitions\n')
     rows = []
-    for shape in shapes:
+    for i, shape in enumerate(shapes, 1):
+        print(f'[{i}/{len(shapes)}] {shape}', file=sys.stderr, flush=True)
         rows.append((shape, bench_shape(shape, args, device, timer)))
     print_shape_tables(rows)
     summarize(rows, weights)
