@@ -350,3 +350,27 @@ def test_killing_one_rank_fails_the_run_in_bounded_time(data_root, tmp_path):
     assert not Path(f'/proc/{survivor}').exists() or \
         Path(f'/proc/{survivor}/stat').read_text().split()[2] == 'Z'
 
+
+
+def test_mmpretrain_own_train_py_runs_the_config(data_root, tmp_path):
+    """What ``mim train mmpretrain CONFIG`` runs: mmpretrain's packaged
+    ``tools/train.py``, which knows nothing of mmsn; the config's
+    ``custom_imports`` must be enough."""
+    import mmpretrain
+    train_py = Path(mmpretrain.__file__).parent / '.mim' / 'tools' / 'train.py'
+    if not train_py.is_file():
+        pytest.skip('mmpretrain was installed without its .mim tools')
+    work_dir = tmp_path / 'work'
+    # A scratch copy of the environment without the repo on PYTHONPATH:
+    # mmsn must come from the installed package, as for a mim user.
+    text = _run([
+        str(Path(venv_bin(), 'python')),
+        str(train_py), 'configs/resnet50_sn_8xb32.py', '--work-dir',
+        str(work_dir), *_options(data_root, 'train_cfg.max_epochs=1')
+    ],
+                tmp_path / 'mim.log',
+                PYTHONPATH='')
+    assert 'Epoch(train) [1][6/6]' in text  # 12 images, one process
+    ckpt = _load(work_dir / 'epoch_1.pth')
+    assert 'backbone.layer1.0.sn1.mean_weight' in ckpt['state_dict']
+    _remove_checkpoints(work_dir)

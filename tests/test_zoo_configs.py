@@ -15,7 +15,7 @@ import yaml
 from mmengine.config import Config
 from mmengine.logging import MMLogger
 from mmengine.optim import build_optim_wrapper
-from mmengine.registry import init_default_scope
+from mmengine.registry import PARAM_SCHEDULERS, init_default_scope
 from mmengine.runner import Runner
 
 import mmsn  # noqa: F401
@@ -127,7 +127,8 @@ def test_recipe(path):
     sched = cfg.param_scheduler
     if schedule == 'cos':
         warmup, cosine = sched
-        assert warmup.type == 'LinearLR' and warmup.start_factor == 0
+        # From (practically) 0; exactly 0 divides by zero in mmengine.
+        assert warmup.type == 'LinearLR' and 0 < warmup.start_factor <= 1e-6
         assert (warmup.begin, warmup.end) == (0, 5)
         assert cosine.type == 'CosineAnnealingLR'
         assert (cosine.begin, cosine.end, cosine.T_max) == (5, 120, 115)
@@ -188,18 +189,56 @@ def test_one_train_iteration(path, tiny_imagenet):
 
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    # The schedulers as the Runner builds them (iteration-based warmup and
+    # cosine need the epoch length).
+    schedulers = [
+        PARAM_SCHEDULERS.build(
+            s, default_args=dict(
+                optimizer=optim_wrapper, epoch_length=len(loader)))
+        for s in (cfg.param_scheduler if isinstance(
+            cfg.param_scheduler, list) else [cfg.param_scheduler])
+    ]
     batch = next(iter(loader))
     assert batch['inputs'][0].shape[-2:] == (64, 64)
     fc_before = model.head.fc.weight.detach().clone()
-    importance_before = [m.mean_weight.detach().clone() for m in sns]
+    # last_gamma: the last norm of each block starts with gamma 0.
+    block = model.backbone.layer1[0]
+    last_norm = getattr(block, 'last_norm', None) or block.norm3
+    assert bool((last_norm.weight == 0).all()) is ZOO[_key(path)][9]
+
+    # The optimizer clears the gradients after its step: record them.
+    importance_grads = {}
+    gamma_is_zero = {}
+    for i, m in enumerate(sns):
+        gamma_is_zero[i] = bool((m.weight == 0).all())
+        m.mean_weight.register_hook(
+            functools.partial(importance_grads.__setitem__, i))
     model.train()
     log_vars = model.train_step(batch, optim_wrapper)
     assert torch.isfinite(log_vars['loss'])
     assert not torch.equal(model.head.fc.weight, fc_before)
-    # The importance weights are trained too (and decayed).
-    for m, before in zip(sns, importance_before):
-        assert torch.isfinite(m.mean_weight).all()
-        assert not torch.equal(m.mean_weight, before)
+    # The importance weights are trained too, except where last_gamma
+    # zeroed gamma (the output is then beta, whatever the statistics).
+    assert len(importance_grads) == len(sns)
+    for i, grad in importance_grads.items():
+        assert torch.isfinite(grad).all()
+        assert (grad.abs().sum() > 0) is not gamma_is_zero[i]
+
+    # Two more iterations of the schedule: the lr follows the recipe.
+    lr, schedule = ZOO[_key(path)][5], ZOO[_key(path)][7]
+    for _ in range(2):
+        for scheduler in schedulers:
+            if not scheduler.by_epoch:
+                scheduler.step()
+    lrs = optim_wrapper.get_lr()['lr']
+    if schedule == 'cos':
+        # Linear warmup over 5 epochs of len(loader) iterations, from ~0
+        # (mmengine reaches the full lr at the last warmup iteration).
+        start = cfg.param_scheduler[0].start_factor
+        expected = lr * (start + (1 - start) * 2 / (5 * len(loader) - 1))
+    else:
+        expected = lr
+    assert lrs[0] == pytest.approx(expected, rel=1e-4)
 
     model.eval()
     val_batch = next(iter(Runner.build_dataloader(cfg.val_dataloader)))

@@ -19,7 +19,8 @@ import mmsn  # noqa: F401  (SN, PreActResNet, safe loading of checkpoints)
 
 # The CPU-distributed set-up is shared with train.py, next to this file.
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from train import destroy_cpu_distributed, init_cpu_distributed  # noqa: E402,E501
+from train import (destroy_cpu_distributed,  # noqa: E402
+                   init_cpu_distributed)
 
 
 def parse_args():
