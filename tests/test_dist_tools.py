@@ -206,6 +206,7 @@ def test_resume_continues_iterations_and_optimizer(trained, data_root,
     assert f'Epoch(train) [2][{ITERS_PER_EPOCH}/{ITERS_PER_EPOCH}]' in text
     final = _load(work_dir / 'epoch_2.pth')
     assert final['meta']['iter'] == 2 * ITERS_PER_EPOCH
+    record.unlink()
 
 
 def test_two_nodes_on_loopback_train_together(data_root, tmp_path):
