@@ -1,3 +1,3 @@
-from .hooks import SNBatchAverageHook
+from .hooks import SNBatchAverageHook, SNImportanceLoggerHook
 
-__all__ = ['SNBatchAverageHook']
+__all__ = ['SNBatchAverageHook', 'SNImportanceLoggerHook']
