@@ -1,1 +1,4 @@
 """Datasets, registered in mmpretrain's DATASETS."""
+from .digits import SklearnDigits, digits_split
+
+__all__ = ['SklearnDigits', 'digits_split']
