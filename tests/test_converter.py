@@ -176,6 +176,14 @@ def randomize(model, seed):
                 module.weight.copy_(
                     torch.randn(module.weight.shape, generator=gen) *
                     (2 / fan_in)**0.5)
+            elif isinstance(module, nn.Linear):
+                bound = module.in_features**-0.5
+                module.weight.copy_(
+                    (torch.rand(module.weight.shape, generator=gen) * 2 - 1) *
+                    bound)
+                module.bias.copy_(
+                    (torch.rand(module.bias.shape, generator=gen) * 2 - 1) *
+                    bound)
             elif isinstance(module, RefSwitchNorm2d):
                 c = module.weight.shape[1]
                 module.weight.copy_(
@@ -306,10 +314,38 @@ def test_inferencer_runs_on_converted(converted):
 
 
 def test_test_tool_runs_on_converted(converted, tmp_path):
-    test_tool = osp.join(REPO, 'tools', 'test.py')
-    if not osp.exists(test_tool):
-        pytest.skip('tools/test.py is not in this checkout')
-    pytest.skip('TODO')
+    """tools/test.py evaluates the converted checkpoint with the zoo config
+    (its ImageNet pipeline, pointed at two generated images)."""
+    from PIL import Image
+    root = tmp_path / 'imagenet'
+    (root / 'val').mkdir(parents=True)
+    (root / 'meta').mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)) \
+            .save(root / 'val' / f'img_{i}.JPEG')
+    (root / 'meta' / 'val.txt').write_text('img_0.JPEG 3\nimg_1.JPEG 7\n')
+    _, _, dst = converted[('resnetv1sn50', True)]
+    config = osp.join(REPO, suggested_config(1, 50, True))
+    proc = subprocess.run([
+        sys.executable,
+        osp.join(REPO, 'tools', 'test.py'), config, dst, '--work-dir',
+        str(tmp_path / 'work'), '--out',
+        str(tmp_path / 'preds.pkl'), '--cfg-options',
+        f'test_dataloader.dataset.data_root={root}',
+        'test_dataloader.batch_size=2', 'test_dataloader.num_workers=0',
+        'test_dataloader.persistent_workers=False'
+    ],
+                          capture_output=True,
+                          text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'accuracy/top1' in proc.stdout + proc.stderr
+    import pickle
+    with open(tmp_path / 'preds.pkl', 'rb') as f:
+        preds = pickle.load(f)
+    assert len(preds) == 2
+    assert preds[0]['pred_score'].shape == (1000, )
 
 
 def _tamper_and_convert(tmp_path, src, edit, capsys, extra_args=()):
