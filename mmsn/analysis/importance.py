@@ -138,9 +138,9 @@ def format_table(records: Sequence[LayerImportance],
     for i, r in enumerate(records):
         flag = '  <- BN share > {:.2f}: use batch average'.format(threshold) \
             if r.should_use_batch_average(threshold) else ''
+        ema = 'yes' if r.moving_average else 'no'
         lines.append(f'{i:>3}  {r.name:<{width}}  {cells(r.mean)}  '
-                     f'{cells(r.var)}  {"yes" if r.moving_average else "no":>3}'
-                     f'{flag}')
+                     f'{cells(r.var)}  {ema:>3}{flag}')
     avg = average_shares(records)
     lines.append('-' * len(header))
     lines.append(f'{"":>3}  {"average":<{width}}  {cells(avg["mean"])}  '
@@ -205,7 +205,8 @@ def plot_importance(records: Sequence[LayerImportance],
                 ax.text(i, 1.01, '*', color='red', ha='center', va='bottom',
                         fontsize=12)
         ax.set_ylim(0, 1.08)
-        ax.set_ylabel(f'share of the {"means" if kind == "mean" else "variances"}')
+        ax.set_ylabel('share of the ' +
+                      ('means' if kind == 'mean' else 'variances'))
         ax.axhline(1.0, color='black', linewidth=0.5)
         ax.legend(loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=8)
     labels = [r.name.replace('backbone.', '') for r in records]
