@@ -11,7 +11,6 @@ from .models import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
 from .ops import switchable_norm
 from .utils import allow_mmengine_checkpoints, apply_patches
 from . import datasets, engine  # noqa: F401  (registers datasets, hooks)
-from .models import backbones  # noqa: F401  (registers backbones)
 
 apply_patches()
 allow_mmengine_checkpoints()

@@ -1,3 +1,4 @@
+from . import backbones, heads  # noqa: F401  (register in mmpretrain)
 from .norms import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
                     SyncSwitchableNorm)
 
