@@ -3,10 +3,8 @@
 # (p=0.5) sits between the global pool and ``fc``.
 _base_ = ['mmpretrain::_base_/models/resnet50.py']
 
-# mmsn registers 'SN' and the head; mmsn.models.heads is named explicitly so
-# the config works with any mmsn that ships the head.
-custom_imports = dict(
-    imports=['mmsn', 'mmsn.models.heads'], allow_failed_imports=False)
+# mmsn registers 'SN', PreActResNet and the dropout head.
+custom_imports = dict(imports=['mmsn'], allow_failed_imports=False)
 
 model = dict(
     backbone=dict(
