@@ -20,7 +20,14 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 \
 echo "[setup] installing the pinned stack into $VENV"
 pip install -q 'setuptools<80' wheel
 pip install -q -r requirements/runtime.txt -r requirements/tests.txt
+# Full mmcv 2.1.0 (compiled ops, for mmdet/mmseg) from a wheel that
+# tools/build_mmcv.sh builds once per machine (~11 min on 2 idle cores) and caches. It
+# replaces mmcv-lite: both install the same `mmcv` package.
+mmcv_wheel=$(bash tools/build_mmcv.sh "$VENV/bin/python")
+pip uninstall -y -q mmcv-lite mmcv
+pip install -q "$mmcv_wheel"
+pip install -q -r requirements/downstream.txt
 pip install -q --no-deps --no-build-isolation -e .
-"$VENV/bin/python" -c "import mmsn, mmpretrain; print('[setup] mmsn', mmsn.__version__, 'ready')"
+"$VENV/bin/python" -c "import mmsn, mmpretrain, mmcv.ops, mmdet, mmseg; print('[setup] mmsn', mmsn.__version__, 'ready')"
 rm -f "$VENV"/.mmsn-setup-*
 touch "$stamp"
