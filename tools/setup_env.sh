@@ -21,8 +21,8 @@ echo "[setup] installing the pinned stack into $VENV"
 pip install -q 'setuptools<80' wheel
 pip install -q -r requirements/runtime.txt -r requirements/tests.txt
 # Full mmcv 2.1.0 (compiled ops, for mmdet/mmseg) from a wheel that
-# tools/build_mmcv.sh builds once per machine (~11 min on 2 idle cores) and caches. It
-# replaces mmcv-lite: both install the same `mmcv` package.
+# tools/build_mmcv.sh builds once per machine (~11 min on 2 idle cores)
+# and caches. It replaces mmcv-lite: both install the same `mmcv` package.
 mmcv_wheel=$(bash tools/build_mmcv.sh "$VENV/bin/python")
 pip uninstall -y -q mmcv-lite mmcv
 pip install -q "$mmcv_wheel"
