@@ -1,4 +1,5 @@
-# DeepLabV3, ResNetV1c-50-D8 + SN, Cityscapes 512x1024, 4 GPUs x 2 images, 80k iterations.
+# DeepLabV3, ResNetV1c-50-D8 + SN,
+# Cityscapes 512x1024, 4 GPUs x 2 images, 80k iterations.
 #
 # Switchable Normalization replaces SyncBN in the dilated ResNetV1c backbone
 # (deep 3-conv stem, output stride 8) and in the decode and auxiliary heads.

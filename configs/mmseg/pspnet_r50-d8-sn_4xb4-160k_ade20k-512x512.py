@@ -1,4 +1,5 @@
-# PSPNet, ResNetV1c-50-D8 + SN, ADE20K 512x512, 4 GPUs x 4 images, 160k iterations.
+# PSPNet, ResNetV1c-50-D8 + SN,
+# ADE20K 512x512, 4 GPUs x 4 images, 160k iterations.
 #
 # Switchable Normalization replaces SyncBN in the dilated ResNetV1c backbone
 # (deep 3-conv stem, output stride 8) and in the decode and auxiliary heads.
