@@ -290,7 +290,7 @@ def bench_resnet50(args, device, timer):
     for m in models.values():
         m.train()
     train = interleaved_medians({k: train_step(k) for k in models},
-                                args.resnet_reps, timer, warmup=1)
+                                args.resnet_reps, timer, warmup=2)
     for m in models.values():
         m.eval()
     evals = interleaved_medians({k: eval_forward(k) for k in models},
@@ -342,7 +342,7 @@ def main():
     if args.reps is None:
         args.reps = 5 if args.quick else 11
     if args.resnet_reps is None:
-        args.resnet_reps = 3 if args.quick else 5
+        args.resnet_reps = 3 if args.quick else 7
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
