@@ -465,13 +465,14 @@ def _softmax_grad(probs, grad_mixed, row_sums, col_sums, stat_in, stat_ln,
                   batch, index):
     """Gradient of the importance logits, given the gradient of
     ``sum_k probs_k * stat_k`` (N, C) and its row/column sums."""
-    parts = [torch.dot(grad_mixed.reshape(-1), stat_in.reshape(-1)),
-             torch.dot(row_sums.reshape(-1), stat_ln.reshape(-1))]
+    # mul + sum rather than torch.dot: BLAS would thread a dot product of a
+    # few thousand values
+    parts = [(grad_mixed * stat_in).sum(), (row_sums * stat_ln).sum()]
     if col_sums is not None:
-        parts.append(torch.dot(col_sums, batch[index]))
+        parts.append((col_sums * batch[index]).sum())
     grad_probs = torch.stack(parts)
     probs = torch.stack(probs)
-    return probs * (grad_probs - torch.dot(probs, grad_probs))
+    return probs * (grad_probs - (probs * grad_probs).sum())
 
 
 # ---------------------------------------------------------------------------
