@@ -7,7 +7,6 @@ one prediction on small synthetic images. These tests need full mmcv (with
 compiled ops), mmdet and mmsegmentation, which ``tools/setup_env.sh``
 installs; when they are missing the tests fail, they are never skipped.
 """
-import copy
 import glob
 import logging
 import os.path as osp
@@ -28,8 +27,7 @@ import mmseg  # noqa: F401,E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
-from mmengine.registry import (MODELS, DefaultScope,  # noqa: E402
-                               init_default_scope)
+from mmengine.registry import MODELS, init_default_scope  # noqa: E402
 from mmengine.runner.checkpoint import save_checkpoint  # noqa: E402
 from mmengine.structures import InstanceData, PixelData  # noqa: E402
 from mmengine.utils import import_modules_from_strings  # noqa: E402
@@ -37,15 +35,6 @@ from mmengine.utils import import_modules_from_strings  # noqa: E402
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'mmdet', '*.py')))
 SEG_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'mmseg', '*.py')))
-
-
-@pytest.fixture(autouse=True)
-def restore_default_scope():
-    """These tests switch mmengine's default scope to mmdet/mmseg/mmpretrain
-    (as the runner does); give the next test module the scope it had."""
-    saved = copy.copy(DefaultScope._instance_dict)
-    yield
-    DefaultScope._instance_dict = saved
 
 
 def _name(path):

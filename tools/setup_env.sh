@@ -15,8 +15,13 @@ if [ -f "$stamp" ]; then
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 \
-    | grep -v "^WARNING: Location '.*' is ignored" || true; }
+# pip, without the noise about this machine's missing local index folders;
+# its own exit status is kept, so a failed install stops the set-up.
+pip() {
+    "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+    return "${PIPESTATUS[0]}"
+}
 echo "[setup] installing the pinned stack into $VENV"
 pip install -q 'setuptools<80' wheel
 pip install -q -r requirements/runtime.txt -r requirements/tests.txt
