@@ -97,14 +97,15 @@ def assert_all_close(a, b, tol):
 
 @pytest.mark.parametrize('kernels', ['native', 'generic'])
 @pytest.mark.parametrize('cls,shape', ARITIES, ids=ARITY_IDS)
-@pytest.mark.parametrize('using_bn', [True, False])
+@pytest.mark.parametrize('using_bn,moving_average', [(True, True),
+                                                     (True, False),
+                                                     (False, True)],
+                         ids=['bn-moving', 'bn-batch-average', 'no-bn'])
 @pytest.mark.parametrize('training', [True, False])
 @pytest.mark.parametrize('unbiased', [True, False])
-@pytest.mark.parametrize('moving_average', [True, False])
-def test_fast_path_equals_composite(kernels, cls, shape, using_bn, training,
-                                    unbiased, moving_average, monkeypatch):
-    if not using_bn and not moving_average:
-        pytest.skip('batch average needs the BN branch')
+def test_fast_path_equals_composite(kernels, cls, shape, using_bn,
+                                    moving_average, training, unbiased,
+                                    monkeypatch):
     kwargs = dict(using_bn=using_bn, unbiased=unbiased,
                   moving_average=moving_average)
     fast = make_layer(cls, **kwargs).train(training)

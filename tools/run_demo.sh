@@ -16,8 +16,12 @@ echo "[demo] training $CONFIG (logs in $WORK_DIR)"
 CKPT=$(cat "$WORK_DIR/last_checkpoint")
 
 echo "[demo] evaluating $CKPT on the held-out split"
-"$PY" tools/test.py "$CONFIG" "$CKPT" --work-dir "$WORK_DIR" 2>&1 \
-    | tee "$WORK_DIR/test.log" | grep -E "Epoch\(test\)|accuracy" || true
+if ! "$PY" tools/test.py "$CONFIG" "$CKPT" --work-dir "$WORK_DIR" \
+        > "$WORK_DIR/test.log" 2>&1; then
+    cat "$WORK_DIR/test.log"
+    exit 1
+fi
+grep -E "Epoch\(test\)" "$WORK_DIR/test.log"
 
 echo "[demo] plotting the learned importance shares"
 "$PY" tools/analysis/plot_importance.py "$CONFIG" "$CKPT" \

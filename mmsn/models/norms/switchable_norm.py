@@ -138,7 +138,9 @@ class _SwitchableNorm(_BatchNorm):
 
     @torch.no_grad()
     def _update_running_stats(self, mean_bn: Tensor, var_bn: Tensor) -> None:
-        if not (torch.isfinite(mean_bn).all() and torch.isfinite(var_bn).all()):
+        # one host sync per layer: the check needs a Python bool to warn
+        finite = torch.isfinite(mean_bn).all() & torch.isfinite(var_bn).all()
+        if not finite:
             warnings.warn(
                 f'{type(self).__name__}: non-finite batch statistics (NaN or '
                 f'Inf in the input); running statistics keep their last '
