@@ -11,11 +11,13 @@ from torch import nn
 
 from mmsn import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
                   SyncSwitchableNorm)
+from test_switchable_norm import C
+from test_switchable_norm import make_input as random_input
+from test_switchable_norm import make_layer as random_layer
 
 # the package exports a function of the same name as the module
 sn_ops = importlib.import_module('mmsn.ops.switchable_norm')
 
-C = 6
 ARITIES = [
     (SwitchableNorm1d, (5, C)),
     (SwitchableNorm1d, (5, C, 7)),
@@ -27,28 +29,13 @@ ARITY_IDS = ['1d-NC', '1d-NCL', '2d', '3d', 'sync']
 PARAMS = ('weight', 'bias', 'mean_weight', 'var_weight')
 
 
-def make_layer(cls, dtype=torch.float32, seed=0, **kwargs):
-    g = torch.Generator().manual_seed(seed)
-    layer = cls(C, **kwargs).to(dtype)
-    with torch.no_grad():
-        layer.weight.copy_(torch.rand(C, generator=g) + 0.5)
-        layer.bias.copy_(torch.randn(C, generator=g))
-        layer.mean_weight.copy_(torch.randn(layer.mean_weight.shape,
-                                            generator=g))
-        layer.var_weight.copy_(torch.randn(layer.var_weight.shape,
-                                           generator=g))
-        if layer.using_bn:
-            layer.running_mean.copy_(torch.randn(C, generator=g))
-            layer.running_var.copy_(torch.rand(C, generator=g) + 0.5)
-    return layer
+# the fast path is exercised in float32 unless a test asks for float64
+def make_layer(cls, dtype=torch.float32, **kwargs):
+    return random_layer(cls, dtype=dtype, **kwargs)
 
 
 def make_input(shape, dtype=torch.float32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.rand((1, shape[1]) + (1, ) * (len(shape) - 2),
-                       generator=g) * 3 + 0.2
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale +
-            1.5).to(dtype)
+    return random_input(shape, dtype, seed)
 
 
 def uses_fast_path(y):
