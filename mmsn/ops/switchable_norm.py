@@ -122,16 +122,10 @@ def mix_statistics(mean_in: Tensor, var_in: Tensor, mean_weight: Tensor,
                    ) -> Tuple[Tensor, Tensor]:
     """Softmax-weighted mean and variance of shape (N, C), order [IN, LN, BN].
     """
-    mean_ln, var_ln = layer_stats_from_instance(mean_in, var_in)
-    w = torch.softmax(mean_weight.to(mean_in.dtype), 0)
-    v = torch.softmax(var_weight.to(mean_in.dtype), 0)
-    mean = w[0] * mean_in + w[1] * mean_ln
-    var = v[0] * var_in + v[1] * var_ln
-    if batch_stats is not None:
-        mean_bn, var_bn = batch_stats
-        mean = mean + w[2] * mean_bn
-        var = var + v[2] * var_bn
-    return mean, var
+    w = torch.softmax(mean_weight.to(mean_in.dtype), 0).unbind()
+    v = torch.softmax(var_weight.to(mean_in.dtype), 0).unbind()
+    return _mix(mean_in, var_in, w, v,
+                layer_stats_from_instance(mean_in, var_in), batch_stats, 0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -278,8 +272,9 @@ def _rows_grad_input(grad_y: Tensor, x3: Tensor, a: Tensor, b: Tensor,
 # Small per-(n, c) algebra of the fast path, forward and closed-form backward
 # ---------------------------------------------------------------------------
 def _mix(mean_in, var_in, w, u, ln, batch, eps):
-    """Mixed mean and ``var + eps`` (N, C), given the LN statistics (N, 1)
-    and the BN ones (C,) or None."""
+    """Mixed mean and ``var + eps`` (N, C), given the importance shares
+    ``w``/``u``, the LN statistics (N, 1) and the BN ones (C,) or None. The
+    one formula both paths use (differentiable by autograd too)."""
     mean_small = w[1] * ln[0]
     var_small = u[1] * ln[1] + eps
     if batch is not None:
