@@ -118,16 +118,12 @@ def test_checkpoint_with_other_pickled_objects_is_refused(tmp_path):
         torch.load(path)
 
 
-def _tiny_classifier_and_loader(image_folder, **sn_kwargs):
-    from mmengine.registry import init_default_scope
-    init_default_scope('mmpretrain')
-    from mmpretrain.registry import MODELS
+def _tiny_classifier_and_loader(image_folder, work_dir, **sn_kwargs):
     runner = Runner.from_cfg(
-        runner_cfg('/tmp/mmsn_unused', image_folder, 1,
+        runner_cfg(work_dir, image_folder, 1,
                    model=classifier_cfg(depth=18, norm_cfg=dict(
                        type='SN', **sn_kwargs))))
-    return MODELS.build(classifier_cfg(depth=18, norm_cfg=dict(
-        type='SN', **sn_kwargs))), runner.train_dataloader
+    return runner.model, runner.train_dataloader
 
 
 def _capture_inputs(model, layer):
@@ -137,8 +133,9 @@ def _capture_inputs(model, layer):
     return captured, handle
 
 
-def test_batch_average_hook_pools_batches_with_frozen_weights(image_folder):
-    model, loader = _tiny_classifier_and_loader(image_folder,
+def test_batch_average_hook_pools_batches_with_frozen_weights(
+        tmp_path, image_folder):
+    model, loader = _tiny_classifier_and_loader(image_folder, tmp_path,
                                                 moving_average=False)
     layer = model.backbone.layer2[0].sn1
     params = {k: v.clone() for k, v in model.named_parameters()}
@@ -165,9 +162,9 @@ def test_batch_average_hook_pools_batches_with_frozen_weights(image_folder):
     assert not torch.allclose(layer(x), y)
 
 
-def test_precise_bn_hook_fills_moving_average_sn(image_folder):
+def test_precise_bn_hook_fills_moving_average_sn(tmp_path, image_folder):
     from mmpretrain.engine.hooks.precise_bn_hook import update_bn_stats
-    model, loader = _tiny_classifier_and_loader(image_folder)
+    model, loader = _tiny_classifier_and_loader(image_folder, tmp_path)
     layer = model.backbone.layer1[0].sn2
     captured, handle = _capture_inputs(model, layer)
     model.train()
