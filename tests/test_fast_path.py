@@ -4,6 +4,7 @@ equations): outputs, every gradient and the running statistics agree in every
 mode; gradcheck in float64; memory kept for backward; torch.compile."""
 import copy
 import importlib
+import os
 
 import pytest
 import torch
@@ -27,6 +28,19 @@ ARITIES = [
 ]
 ARITY_IDS = ['1d-NC', '1d-NCL', '2d', '3d', 'sync']
 PARAMS = ('weight', 'bias', 'mean_weight', 'var_weight')
+
+# big-tensor kernels of the fast path -> the MMSN_SN_PATH value that picks
+# them on the CPU ('compiled' is the default when mmsn._C is built)
+KERNELS = {'compiled': '', 'native': 'native', 'generic': 'generic'}
+
+
+def kernel_path(kernels):
+    if kernels == 'compiled' and not sn_ops.compiled_kernels_available():
+        if os.environ.get('MMSN_WITH_OPS') == '0':
+            pytest.skip('built with MMSN_WITH_OPS=0')
+        pytest.fail('mmsn._C is not built: run tools/setup_env.sh (or '
+                    'pip install --no-build-isolation -e .)')
+    return KERNELS[kernels]
 
 
 # the fast path is exercised in float32 unless a test asks for float64
@@ -82,7 +96,7 @@ def assert_all_close(a, b, tol):
                                    msg=lambda m: f'{name}: {m}')
 
 
-@pytest.mark.parametrize('kernels', ['native', 'generic'])
+@pytest.mark.parametrize('kernels', list(KERNELS))
 @pytest.mark.parametrize('cls,shape', ARITIES, ids=ARITY_IDS)
 @pytest.mark.parametrize('using_bn,moving_average', [(True, True),
                                                      (True, False),
@@ -99,13 +113,13 @@ def test_fast_path_equals_composite(kernels, cls, shape, using_bn,
     ref = copy.deepcopy(fast)
     x = make_input(shape)
     grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(7))
-    got = run(fast, x, grad_out, '' if kernels == 'native' else 'generic',
+    got = run(fast, x, grad_out, kernel_path(kernels),
               monkeypatch)
     want = run(ref, x, grad_out, 'composite', monkeypatch)
     assert_all_close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize('kernels', ['native', 'generic'])
+@pytest.mark.parametrize('kernels', list(KERNELS))
 @pytest.mark.parametrize('training', [True, False])
 def test_channels_last(kernels, training, monkeypatch):
     shape = (3, C, 5, 4)
@@ -114,14 +128,14 @@ def test_channels_last(kernels, training, monkeypatch):
     x = make_input(shape).contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn(shape).contiguous(
         memory_format=torch.channels_last)
-    got = run(fast, x, grad_out, '' if kernels == 'native' else 'generic',
+    got = run(fast, x, grad_out, kernel_path(kernels),
               monkeypatch)
     want = run(ref, x, grad_out, 'composite', monkeypatch)
     assert_all_close(got, want, 1e-5)
     assert got[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize('kernels', ['native', 'generic'])
+@pytest.mark.parametrize('kernels', list(KERNELS))
 @pytest.mark.parametrize('cls,shape', ARITIES[:4], ids=ARITY_IDS[:4])
 @pytest.mark.parametrize('training', [True, False])
 def test_no_grad_forward_equals_composite(kernels, cls, shape, training,
@@ -130,7 +144,7 @@ def test_no_grad_forward_equals_composite(kernels, cls, shape, training,
     ref = copy.deepcopy(fast)
     x = make_input(shape)
     monkeypatch.setattr(sn_ops, '_FORCED_PATH',
-                        '' if kernels == 'native' else 'generic')
+                        kernel_path(kernels))
     with torch.no_grad():
         y = fast(x)
     monkeypatch.setattr(sn_ops, '_FORCED_PATH', 'composite')
@@ -168,7 +182,7 @@ def test_partial_requires_grad(frozen, monkeypatch):
         torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('kernels', ['native', 'generic'])
+@pytest.mark.parametrize('kernels', list(KERNELS))
 @pytest.mark.parametrize('cls,shape', ARITIES, ids=ARITY_IDS)
 @pytest.mark.parametrize('using_bn', [True, False])
 @pytest.mark.parametrize('training', [True, False])
@@ -176,7 +190,7 @@ def test_partial_requires_grad(frozen, monkeypatch):
 def test_gradcheck_fast_path_float64(kernels, cls, shape, using_bn, training,
                                      unbiased, monkeypatch):
     monkeypatch.setattr(sn_ops, '_FORCED_PATH',
-                        '' if kernels == 'native' else 'generic')
+                        kernel_path(kernels))
     layer = make_layer(cls, torch.float64, using_bn=using_bn,
                        unbiased=unbiased).train(training)
     params = [getattr(layer, n).detach().clone().requires_grad_()
@@ -328,7 +342,7 @@ def test_many_rows_run_small_ops_serially_and_restore_threads(monkeypatch):
     assert_all_close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize('kernels', ['native', 'generic'])
+@pytest.mark.parametrize('kernels', list(KERNELS))
 def test_custom_batch_stats_fn_is_differentiated(kernels, monkeypatch):
     """A batch_stats_fn other than the default pooling (SyncSN's all-reduce
     of sums, written here without communication) is differentiated through
@@ -344,7 +358,7 @@ def test_custom_batch_stats_fn_is_differentiated(kernels, monkeypatch):
     x = make_input((4, C, 5, 3))
     grad_out = torch.randn(x.shape)
     results = []
-    for path in ('' if kernels == 'native' else 'generic', 'composite'):
+    for path in (kernel_path(kernels), 'composite'):
         monkeypatch.setattr(sn_ops, '_FORCED_PATH', path)
         xi = x.clone().requires_grad_()
         params = [getattr(layer, n).detach().clone().requires_grad_()

@@ -15,7 +15,8 @@ Two execution paths give the same numbers:
 * the fast path (:class:`_FusedSwitchableNorm` with gradients, the same
   kernels without): it keeps only the input alive for backward (plus two
   numbers per (n, c)) and touches the big tensor in two passes forward and
-  two backward, reusing PyTorch's native kernels. The small per-(n, c)
+  two backward, with the compiled kernels of ``mmsn._C`` on the CPU (or
+  PyTorch's native ones when they are not built). The small per-(n, c)
   algebra in between (mixing, LN pooling, softmax) is differentiated in
   closed form; only ``batch_stats_fn`` (which may all-reduce) is
   differentiated by autograd.
@@ -43,8 +44,9 @@ _aten = torch.ops.aten
 _TINY_VAR = 1e-30
 
 # Set MMSN_SN_PATH=composite to route every call through the composite
-# (plain autograd) path, or =generic to use only device-agnostic kernels in
-# the fast path (what non-CPU devices use). For debugging and benchmarking.
+# (plain autograd) path, =native to use PyTorch's CPU kernels instead of
+# mmsn._C, or =generic to use only device-agnostic kernels in the fast path
+# (what non-CPU devices use). For debugging and benchmarking.
 _FORCED_PATH = os.environ.get('MMSN_SN_PATH', '')
 
 
@@ -163,12 +165,36 @@ def _composite(x3: Tensor, weight, bias, mean_weight, var_weight,
 
 # ---------------------------------------------------------------------------
 # Big-tensor kernels of the fast path. (N, C, L) contiguous, float32/64.
-# On the CPU, PyTorch's GroupNorm and BatchNorm kernels on suitable views are
-# several times faster than var_mean / broadcasting addcmul; elsewhere the
-# generic ops are used (var_mean is a fast single pass on GPUs).
+# Three implementations of the same four passes, picked per call by
+# _row_kernels():
+# * 'compiled': mmsn._C (built by the package's install), one pass each;
+# * 'native': PyTorch's GroupNorm and BatchNorm CPU kernels on suitable
+#   views, the fallback when mmsn._C is not built (several times faster than
+#   var_mean / broadcasting addcmul on the CPU, but more passes);
+# * 'generic': device-agnostic ops (var_mean is a fast single pass on GPUs).
 # ---------------------------------------------------------------------------
-def _use_native_cpu_kernels(x: Tensor) -> bool:
-    return x.device.type == 'cpu' and _FORCED_PATH != 'generic'
+def _load_compiled_kernels():
+    try:
+        from mmsn import _C  # noqa: F401  (registers torch.ops.mmsn)
+    except ImportError:
+        return None
+    return torch.ops.mmsn
+
+
+_COMPILED = _load_compiled_kernels()
+
+
+def compiled_kernels_available() -> bool:
+    """Whether the CPU kernels of ``mmsn._C`` were built and loaded."""
+    return _COMPILED is not None
+
+
+def _row_kernels(x: Tensor) -> str:
+    if x.device.type != 'cpu' or _FORCED_PATH == 'generic':
+        return 'generic'
+    if _COMPILED is not None and _FORCED_PATH != 'native':
+        return 'compiled'
+    return 'native'
 
 
 # at::internal::GRAIN_SIZE: CPU ops on fewer elements run on one thread.
@@ -195,10 +221,15 @@ def _serial_small_ops(numel: int, device: torch.device):
 
 
 def _instance_moments(x3: Tensor, correction: int):
-    """IN mean and variance (N, C) and, on the CPU, a scratch buffer holding
-    ``(x - mean_in) * rstd`` that the output is written into in place."""
+    """IN mean and variance (N, C) and, for the 'native' kernels, a scratch
+    buffer holding ``(x - mean_in) * rstd`` that the output is written into
+    in place."""
     n, c, length = x3.shape
-    if _use_native_cpu_kernels(x3):
+    kernels = _row_kernels(x3)
+    if kernels == 'compiled':
+        mean_in, var_in = _COMPILED.instance_moments(x3, correction)
+        return mean_in, var_in, None
+    if kernels == 'native':
         # GroupNorm with one channel per group = InstanceNorm: one
         # vectorized Welford pass for the moments (no cancellation).
         buf, mean_in, rstd = _aten.native_group_norm(x3, None, None, n, c,
@@ -216,7 +247,11 @@ def _rows_affine(x3: Tensor, scratch, mean_in: Tensor, scale: Tensor,
                  shift: Tensor) -> Tensor:
     """``(x - mean_in) * scale + shift`` per row."""
     n, c, length = x3.shape
-    if scratch is not None:
+    kernels = _row_kernels(x3)
+    if kernels == 'compiled':
+        return _COMPILED.rows_affine(x3, mean_in, scale.contiguous(),
+                                     shift.contiguous())
+    if kernels == 'native':
         buf, rstd = scratch
         rows = n * c
         buf1 = buf.view(1, rows, length)
@@ -237,9 +272,11 @@ def _rows_affine(x3: Tensor, scratch, mean_in: Tensor, scale: Tensor,
 
 def _rows_grad_sums(grad_y: Tensor, x3: Tensor,
                     mean_in: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per row ``sum(dy * (x - mean_in))`` and ``sum(dy)``, in one pass:
-    BatchNorm's backward on the (1, N*C, L) view returns exactly these as
-    its weight and bias gradients."""
+    """Per row ``sum(dy * (x - mean_in))`` and ``sum(dy)``, in one pass."""
+    if _row_kernels(x3) == 'compiled':
+        return _COMPILED.rows_grad_sums(grad_y, x3, mean_in)
+    # BatchNorm's backward on the (1, N*C, L) view returns exactly these as
+    # its weight and bias gradients.
     n, c, length = x3.shape
     rows = n * c
     with _serial_small_ops(rows, x3.device):
@@ -250,11 +287,16 @@ def _rows_grad_sums(grad_y: Tensor, x3: Tensor,
     return dot.view(n, c), sum_dy.view(n, c)
 
 
-def _rows_grad_input(grad_y: Tensor, x3: Tensor, a: Tensor, b: Tensor,
-                     const: Tensor) -> Tensor:
-    """``a * dy + b * x + const`` per row."""
+def _rows_grad_input(grad_y: Tensor, x3: Tensor, mean_in: Tensor, a: Tensor,
+                     b: Tensor, k: Tensor) -> Tensor:
+    """``a * dy + b * (x - mean_in) + k`` per row."""
     n, c, length = x3.shape
-    if _use_native_cpu_kernels(x3):
+    kernels = _row_kernels(x3)
+    if kernels == 'compiled':
+        return _COMPILED.rows_grad_input(grad_y, x3, mean_in, a.contiguous(),
+                                         b.contiguous(), k.contiguous())
+    const = torch.addcmul(k, b, mean_in, value=-1)
+    if kernels == 'native':
         rows = n * c
         with _serial_small_ops(rows, x3.device):
             ones = torch.ones(rows, dtype=x3.dtype, device=x3.device)
@@ -316,7 +358,8 @@ class _FusedSwitchableNorm(torch.autograd.Function):
 
     Backward needs, per (n, c), ``sum(dy)`` and ``sum(dy * (x - mean_in))``
     (one fused pass), then the gradient of the small per-(n, c) algebra in
-    closed form, then ``dx = a * dy + b * x + const`` per row (one pass).
+    closed form, then ``dx = a * dy + b * (x - mean_in) + k`` per row (one
+    pass). With the compiled kernels all of it is one call to mmsn._C.
     """
 
     @staticmethod
@@ -345,16 +388,30 @@ class _FusedSwitchableNorm(torch.autograd.Function):
                     batch_graph = None
                 elif _is_default_batch_stats(batch_graph):
                     batch_graph, ctx.pooled_bn = None, True
-            w, u = _probs(mean_weight, var_weight, dtype)
-            ln = layer_stats_from_instance(mean_in, var_in)
-            weight_, bias_ = _param(weight, dtype), _param(bias, dtype)
-            _, _, scale, shift = _small_forward(mean_in, var_in, weight_,
-                                                bias_, w, u, ln, batch, eps)
-        y = _rows_affine(xf, scratch, mean_in, scale, shift).to(x.dtype)
+        # mmsn._C does the whole layer unless batch_stats_fn has a gradient
+        # of its own (SyncSN)
+        ctx.compiled = (batch_graph is None
+                        and _row_kernels(xf) == 'compiled')
+        if ctx.compiled:
+            ctx.small = (batch, _param(weight, dtype), mean_weight.detach(),
+                         var_weight.detach())
+            y = _COMPILED.sn_affine(xf, mean_in, var_in, ctx.small[1],
+                                    _param(bias, dtype), *ctx.small[2:],
+                                    *(batch or (None, None)), eps)
+        else:
+            with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
+                w, u = _probs(mean_weight, var_weight, dtype)
+                ln = layer_stats_from_instance(mean_in, var_in)
+                weight_, bias_ = _param(weight, dtype), _param(bias, dtype)
+                _, _, scale, shift = _small_forward(mean_in, var_in, weight_,
+                                                    bias_, w, u, ln, batch,
+                                                    eps)
+            y = _rows_affine(xf, scratch, mean_in, scale, shift)
+            # small: (K,), (N, 1), (C,)
+            ctx.small = (w, u, ln, batch, weight_, bias_)
+        y = y.to(x.dtype)
 
         ctx.save_for_backward(x, mean_in, var_in)
-        # small: (K,), (N, 1), (C,)
-        ctx.small = (w, u, ln, batch, weight_, bias_)
         ctx.batch_graph = (batch_graph, leaves) if batch_graph else None
         ctx.eps = eps
         ctx.correction = correction
@@ -371,6 +428,15 @@ class _FusedSwitchableNorm(torch.autograd.Function):
         need_x, need_w, need_b, need_mw, need_vw = ctx.needs_input_grad[:5]
         xf = x.float() if x.dtype in _LOW_PRECISION else x
         dy = grad_y.contiguous().to(xf.dtype)
+        if ctx.compiled:
+            batch, weight, mean_weight, var_weight = ctx.small
+            grads = list(_COMPILED.sn_backward(
+                dy, xf, mean_in, var_in, weight, mean_weight, var_weight,
+                *(batch or (None, None)), ctx.pooled_bn, ctx.eps,
+                ctx.correction, need_x))
+            grads[0] = grads[0].to(x.dtype) if need_x else None
+            return (*_cast_param_grads(ctx, grads, need_w, need_b, need_mw,
+                                       need_vw), None, None, None)
         n, c, length = xf.shape
         w, u, ln, batch, weight, bias = ctx.small
 
@@ -403,23 +469,32 @@ class _FusedSwitchableNorm(torch.autograd.Function):
                 grads[4] = _softmax_grad(u, grad_var, gv_row, gv_col, var_in,
                                          ln[1], batch, 1)
             if need_x:
-                coef_x, const = _instance_stats_grads(
+                coef_x, grad_mean_x = _instance_stats_grads(
                     ctx, mean_in, w, u, ln, batch, neg_grad_mean, grad_var,
                     gm_row, gv_row, gm_col, gv_col, length)
         if need_x:
-            grads[0] = _rows_grad_input(dy, xf, scale, coef_x,
-                                        const).to(x.dtype)
-        for i, dtype in enumerate(ctx.param_dtypes, 1):
-            if grads[i] is not None and grads[i].dtype != dtype:
-                grads[i] = grads[i].to(dtype)
-        return (*grads, None, None, None)
+            grads[0] = _rows_grad_input(dy, xf, mean_in, scale, coef_x,
+                                        grad_mean_x).to(x.dtype)
+        return (*_cast_param_grads(ctx, grads, True, True, True, True), None,
+                None, None)
+
+
+def _cast_param_grads(ctx, grads, *needed):
+    """Parameter gradients in the parameters' dtypes; None where not
+    needed."""
+    for i, (need, dtype) in enumerate(zip(needed, ctx.param_dtypes), 1):
+        if not need or grads[i] is None:
+            grads[i] = None
+        elif grads[i].dtype != dtype:
+            grads[i] = grads[i].to(dtype)
+    return grads
 
 
 def _instance_stats_grads(ctx, mean_in, w, u, ln, batch, neg_grad_mean,
                           grad_var, gm_row, gv_row, gm_col, gv_col, length):
-    """Coefficients of ``dx = scale * dy + coef_x * x + const`` from the
-    gradients of the mixed statistics, through the IN, LN and BN branches.
-    """
+    """Coefficients of ``dx = scale * dy + coef_x * (x - mean_in) + k``
+    from the gradients of the mixed statistics, through the IN, LN and BN
+    branches."""
     n, c = mean_in.shape
     # pooled stats: mean_p = mean(mean_in), var_p = mean(var_in +
     # (mean_in - mean_p)^2) have d/dmean_in = (1 + 2 g_var (mean_in -
@@ -452,8 +527,7 @@ def _instance_stats_grads(ctx, mean_in, w, u, ln, batch, neg_grad_mean,
             grad_var_in += g_v
     # d var_in / dx = 2 (x - mean_in) / (L - correction), d mean_in / dx = 1/L
     coef_x = grad_var_in * (2.0 / (length - ctx.correction))
-    const = torch.addcmul(grad_mean_in / length, coef_x, mean_in, value=-1)
-    return coef_x, const
+    return coef_x, grad_mean_in / length
 
 
 def _softmax_grad(probs, grad_mixed, row_sums, col_sums, stat_in, stat_ln,
@@ -480,12 +554,17 @@ def _fast_forward_no_grad(x3, weight, bias, mean_weight, var_weight,
     dtype = xf.dtype
     with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
         batch = batch_stats_fn(mean_in, var_in)
+    weight, bias = _param(weight, dtype), _param(bias, dtype)
+    if _row_kernels(xf) == 'compiled':
+        y = _COMPILED.sn_affine(xf, mean_in, var_in, weight, bias,
+                                mean_weight.detach(), var_weight.detach(),
+                                *(batch or (None, None)), eps)
+        return y.to(x3.dtype)
+    with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
         w, u = _probs(mean_weight, var_weight, dtype)
         ln = layer_stats_from_instance(mean_in, var_in)
-        _, _, scale, shift = _small_forward(mean_in, var_in,
-                                            _param(weight, dtype),
-                                            _param(bias, dtype), w, u, ln,
-                                            batch, eps)
+        _, _, scale, shift = _small_forward(mean_in, var_in, weight, bias, w,
+                                            u, ln, batch, eps)
     return _rows_affine(xf, scratch, mean_in, scale, shift).to(x3.dtype)
 
 
@@ -546,5 +625,6 @@ def switchable_norm(x: Tensor,
 
 __all__ = [
     'switchable_norm', 'mix_statistics', 'batch_stats_from_instance',
-    'layer_stats_from_instance', 'in_var_correction', 'BatchStatsFn'
+    'layer_stats_from_instance', 'in_var_correction', 'BatchStatsFn',
+    'compiled_kernels_available'
 ]

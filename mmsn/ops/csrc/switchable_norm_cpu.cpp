@@ -1,0 +1,520 @@
+// CPU kernels for the four passes of Switchable Normalization over the big
+// tensor, viewed as contiguous rows (N * C rows of L positions):
+//
+//   forward:  instance_moments  (mean, var per row)
+//             rows_affine       y  = (x - mean) * scale + shift
+//   backward: rows_grad_sums    sum(dy), sum(dy * (x - mean)) per row
+//             rows_grad_input   dx = a * dy + b * (x - mean) + k
+//
+// Each pass reads the big tensors once (a row is re-read from cache for the
+// two-pass variance), so SN moves as many bytes as GroupNorm. The small
+// per-(n, c) algebra between the passes stays in Python
+// (mmsn/ops/switchable_norm.py). Sums accumulate in double; the affine maps
+// are applied to x - mean so that inputs with a large mean lose nothing.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+// Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time, so
+// that the built library runs on any x86-64 machine at its best width.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MMSN_MULTIVERSION \
+  __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MMSN_MULTIVERSION
+#endif
+
+namespace mmsn {
+namespace {
+
+// Rows per task so that a task covers at least as many elements as ATen's
+// own grain size (at::internal::GRAIN_SIZE): smaller work runs on one thread.
+constexpr int64_t kGrainSize = 32768;
+
+int64_t row_grain(int64_t length) {
+  return std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, length));
+}
+
+#define MMSN_ROW_KERNELS(T)                                                   \
+  MMSN_MULTIVERSION void row_moments(const T* x, int64_t n, double* mean,     \
+                                     double* m2) {                            \
+    double s = 0;                                                             \
+    _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; ++i) {    \
+      s += x[i];                                                              \
+    }                                                                         \
+    const double m = s / n;                                                   \
+    double q = 0;                                                             \
+    _Pragma("omp simd reduction(+ : q)") for (int64_t i = 0; i < n; ++i) {    \
+      const double d = x[i] - m;                                              \
+      q += d * d;                                                             \
+    }                                                                         \
+    *mean = m;                                                                \
+    *m2 = q;                                                                  \
+  }                                                                           \
+  MMSN_MULTIVERSION void row_affine(const T* x, T* y, int64_t n, T mean,      \
+                                    T scale, T shift) {                       \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                     \
+      y[i] = (x[i] - mean) * scale + shift;                                   \
+    }                                                                         \
+  }                                                                           \
+  MMSN_MULTIVERSION void row_grad_sums(const T* dy, const T* x, int64_t n,    \
+                                       T mean, double* dot, double* sum) {    \
+    double s = 0, p = 0;                                                      \
+    _Pragma("omp simd reduction(+ : s, p)") for (int64_t i = 0; i < n; ++i) { \
+      s += dy[i];                                                             \
+      p += static_cast<double>(dy[i] * (x[i] - mean));                        \
+    }                                                                         \
+    *dot = p;                                                                 \
+    *sum = s;                                                                 \
+  }                                                                           \
+  MMSN_MULTIVERSION void row_grad_input(const T* dy, const T* x, T* dx,       \
+                                        int64_t n, T mean, T a, T b, T k) {   \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                     \
+      dx[i] = a * dy[i] + b * (x[i] - mean) + k;                              \
+    }                                                                         \
+  }
+
+MMSN_ROW_KERNELS(float)
+MMSN_ROW_KERNELS(double)
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "mmsn::", name, ": expected a CPU tensor");
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "mmsn::", name,
+              ": expected a contiguous (N, C, L) tensor, got sizes ",
+              x.sizes(), " and strides ", x.strides());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "mmsn::", name, ": expected float32 or float64, got ",
+              x.scalar_type());
+}
+
+void check_per_row(const at::Tensor& rows, const at::Tensor& t,
+                   const char* name) {
+  TORCH_CHECK(t.is_contiguous() && t.numel() == rows.size(0) * rows.size(1) &&
+                  t.scalar_type() == rows.scalar_type(),
+              "mmsn::", name, ": per-row operands must be contiguous, of ",
+              rows.scalar_type(), " and have N * C elements");
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+                  b.is_contiguous(),
+              "mmsn::", name, ": grad and input must match in shape and dtype");
+}
+
+std::tuple<at::Tensor, at::Tensor> instance_moments(const at::Tensor& x,
+                                                    int64_t correction) {
+  check_rows(x, "instance_moments");
+  const int64_t rows = x.size(0) * x.size(1), length = x.size(2);
+  TORCH_CHECK(length > correction, "mmsn::instance_moments: ", length,
+              " positions leave no degrees of freedom for correction ",
+              correction);
+  at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options());
+  at::Tensor var = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_instance_moments", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* pm = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* pv = var.mutable_data_ptr<scalar_t>();
+    const double dof = static_cast<double>(length - correction);
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        double m, m2;
+        row_moments(px + r * length, length, &m, &m2);
+        pm[r] = static_cast<scalar_t>(m);
+        pv[r] = static_cast<scalar_t>(m2 / dof);
+      }
+    });
+  });
+  return {mean, var};
+}
+
+at::Tensor rows_affine(const at::Tensor& x, const at::Tensor& mean,
+                       const at::Tensor& scale, const at::Tensor& shift) {
+  check_rows(x, "rows_affine");
+  for (const auto* t : {&mean, &scale, &shift}) {
+    check_per_row(x, *t, "rows_affine");
+  }
+  const int64_t rows = x.size(0) * x.size(1), length = x.size(2);
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_rows_affine", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pm = mean.const_data_ptr<scalar_t>();
+    const scalar_t* ps = scale.const_data_ptr<scalar_t>();
+    const scalar_t* pb = shift.const_data_ptr<scalar_t>();
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        row_affine(px + r * length, py + r * length, length, pm[r], ps[r],
+                   pb[r]);
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> rows_grad_sums(const at::Tensor& dy,
+                                                  const at::Tensor& x,
+                                                  const at::Tensor& mean) {
+  check_rows(x, "rows_grad_sums");
+  check_same(x, dy, "rows_grad_sums");
+  check_per_row(x, mean, "rows_grad_sums");
+  const int64_t rows = x.size(0) * x.size(1), length = x.size(2);
+  at::Tensor dot = at::empty({x.size(0), x.size(1)}, x.options());
+  at::Tensor sum = at::empty_like(dot);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_rows_grad_sums", [&] {
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pm = mean.const_data_ptr<scalar_t>();
+    scalar_t* pdot = dot.mutable_data_ptr<scalar_t>();
+    scalar_t* psum = sum.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        double d, s;
+        row_grad_sums(pdy + r * length, px + r * length, length, pm[r], &d,
+                      &s);
+        pdot[r] = static_cast<scalar_t>(d);
+        psum[r] = static_cast<scalar_t>(s);
+      }
+    });
+  });
+  return {dot, sum};
+}
+
+at::Tensor rows_grad_input(const at::Tensor& dy, const at::Tensor& x,
+                           const at::Tensor& mean, const at::Tensor& a,
+                           const at::Tensor& b, const at::Tensor& k) {
+  check_rows(x, "rows_grad_input");
+  check_same(x, dy, "rows_grad_input");
+  for (const auto* t : {&mean, &a, &b, &k}) {
+    check_per_row(x, *t, "rows_grad_input");
+  }
+  const int64_t rows = x.size(0) * x.size(1), length = x.size(2);
+  at::Tensor dx = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_rows_grad_input", [&] {
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pm = mean.const_data_ptr<scalar_t>();
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    const scalar_t* pk = k.const_data_ptr<scalar_t>();
+    scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        row_grad_input(pdy + r * length, px + r * length, pdx + r * length,
+                       length, pm[r], pa[r], pb[r], pk[r]);
+      }
+    });
+  });
+  return dx;
+}
+
+// ---------------------------------------------------------------------------
+// The whole layer for the common cases (no BN branch, BN statistics pooled
+// from this batch's IN ones, or given constants such as running statistics):
+// the small per-(n, c) algebra between the passes, in double, written out as
+// in _small_forward / _FusedSwitchableNorm.backward of switchable_norm.py,
+// which remains the implementation for other devices and for batch
+// statistics with a custom gradient (SyncSN).
+// ---------------------------------------------------------------------------
+// Small tensors are read and written with plain loops: an ATen op on more
+// than GRAIN_SIZE elements would open a parallel region for microseconds of
+// work.
+std::vector<double> as_doubles(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "mmsn: expected CPU tensors");
+  const at::Tensor ct = t.contiguous();
+  std::vector<double> out(ct.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, ct.scalar_type(), "mmsn_as_doubles", [&] {
+        const scalar_t* p = ct.const_data_ptr<scalar_t>();
+        for (size_t i = 0; i < out.size(); ++i) {
+          out[i] = static_cast<double>(p[i]);
+        }
+      });
+  return out;
+}
+
+std::vector<double> softmax(const at::Tensor& logits) {
+  std::vector<double> z = as_doubles(logits);
+  const double top = *std::max_element(z.begin(), z.end());
+  double total = 0;
+  for (double& v : z) {
+    v = std::exp(v - top);
+    total += v;
+  }
+  for (double& v : z) v /= total;
+  return z;
+}
+
+at::Tensor from_doubles(const std::vector<double>& v, at::IntArrayRef sizes,
+                        const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mmsn_from_doubles", [&] {
+    scalar_t* p = out.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
+  });
+  return out;
+}
+
+// Statistics and shares of one call, all as doubles.
+struct Mixing {
+  int64_t n, c;
+  std::vector<double> mean_in, var_in;  // (N * C)
+  std::vector<double> w, u;             // shares [IN, LN(, BN)]
+  std::vector<double> ln_mean, ln_var;  // (N)
+  std::vector<double> bn_mean, bn_var;  // (C), empty without a BN branch
+  std::vector<double> gamma;            // (C), empty without affine weight
+  double eps;
+
+  Mixing(const at::Tensor& mean_in_, const at::Tensor& var_in_,
+         const std::optional<at::Tensor>& weight,
+         const at::Tensor& mean_weight, const at::Tensor& var_weight,
+         const std::optional<at::Tensor>& batch_mean,
+         const std::optional<at::Tensor>& batch_var, double eps_)
+      : n(mean_in_.size(0)),
+        c(mean_in_.size(1)),
+        mean_in(as_doubles(mean_in_)),
+        var_in(as_doubles(var_in_)),
+        w(softmax(mean_weight)),
+        u(softmax(var_weight)),
+        ln_mean(n, 0.0),
+        ln_var(n, 0.0),
+        eps(eps_) {
+    const size_t branches = batch_mean.has_value() ? 3 : 2;
+    TORCH_CHECK(batch_mean.has_value() == batch_var.has_value(),
+                "mmsn: batch mean and variance must be given together");
+    TORCH_CHECK(w.size() == branches && u.size() == branches,
+                "mmsn: expected ", branches,
+                " importance logits for the means and the variances, got ",
+                w.size(), " and ", u.size());
+    if (batch_mean.has_value()) {
+      bn_mean = as_doubles(*batch_mean);
+      bn_var = as_doubles(*batch_var);
+      TORCH_CHECK(static_cast<int64_t>(bn_mean.size()) == c &&
+                      static_cast<int64_t>(bn_var.size()) == c,
+                  "mmsn: batch statistics must have C = ", c, " elements");
+    }
+    if (weight.has_value()) {
+      gamma = as_doubles(*weight);
+      TORCH_CHECK(static_cast<int64_t>(gamma.size()) == c,
+                  "mmsn: weight must have C = ", c, " elements");
+    }
+    // LN: mean of the means; mean of var_in + (mean_in - mean)^2, which has
+    // no cancellation (see layer_stats_from_instance)
+    for (int64_t i = 0; i < n; ++i) {
+      const double* m = &mean_in[i * c];
+      const double* v = &var_in[i * c];
+      double s = 0;
+      for (int64_t j = 0; j < c; ++j) s += m[j];
+      const double mu = s / c;
+      double q = 0;
+      for (int64_t j = 0; j < c; ++j) q += v[j] + (m[j] - mu) * (m[j] - mu);
+      ln_mean[i] = mu;
+      ln_var[i] = q / c;
+    }
+  }
+
+  bool has_bn() const { return !bn_mean.empty(); }
+  double g(int64_t j) const { return gamma.empty() ? 1.0 : gamma[j]; }
+  double mixed_mean(int64_t i, int64_t j) const {
+    double m = w[0] * mean_in[i * c + j] + w[1] * ln_mean[i];
+    return has_bn() ? m + w[2] * bn_mean[j] : m;
+  }
+  double mixed_var_eps(int64_t i, int64_t j) const {
+    double v = u[0] * var_in[i * c + j] + u[1] * ln_var[i] + eps;
+    return has_bn() ? v + u[2] * bn_var[j] : v;
+  }
+};
+
+at::Tensor sn_affine(const at::Tensor& x, const at::Tensor& mean_in,
+                     const at::Tensor& var_in,
+                     const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias,
+                     const at::Tensor& mean_weight,
+                     const at::Tensor& var_weight,
+                     const std::optional<at::Tensor>& batch_mean,
+                     const std::optional<at::Tensor>& batch_var,
+                     double eps) {
+  check_rows(x, "sn_affine");
+  check_per_row(x, mean_in, "sn_affine");
+  check_per_row(x, var_in, "sn_affine");
+  const Mixing mix(mean_in, var_in, weight, mean_weight, var_weight,
+                   batch_mean, batch_var, eps);
+  const int64_t n = mix.n, c = mix.c;
+  std::vector<double> beta;
+  if (bias.has_value()) beta = as_doubles(*bias);
+  TORCH_CHECK(beta.empty() || static_cast<int64_t>(beta.size()) == c,
+              "mmsn: bias must have C = ", c, " elements");
+  std::vector<double> scale(n * c), shift(n * c);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < c; ++j) {
+      const int64_t r = i * c + j;
+      const double s = mix.g(j) / std::sqrt(mix.mixed_var_eps(i, j));
+      scale[r] = s;
+      // y = (x - mean_in) * scale + shift
+      shift[r] = (mix.mean_in[r] - mix.mixed_mean(i, j)) * s +
+                 (beta.empty() ? 0.0 : beta[j]);
+    }
+  }
+  const auto opts = x.options();
+  return rows_affine(x, mean_in, from_doubles(scale, {n, c}, opts),
+                     from_doubles(shift, {n, c}, opts));
+}
+
+// Gradient of the importance logits given the gradient of the mixed
+// statistic (N, C) through each branch: sum_k d(mixed)/d(share_k) * stat_k.
+std::vector<double> softmax_grad(const std::vector<double>& shares,
+                                 const std::vector<double>& grad_probs) {
+  double dot = 0;
+  for (size_t k = 0; k < shares.size(); ++k) dot += shares[k] * grad_probs[k];
+  std::vector<double> out(shares.size());
+  for (size_t k = 0; k < shares.size(); ++k) {
+    out[k] = shares[k] * (grad_probs[k] - dot);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sn_backward(const at::Tensor& dy, const at::Tensor& x,
+            const at::Tensor& mean_in_t, const at::Tensor& var_in_t,
+            const std::optional<at::Tensor>& weight,
+            const at::Tensor& mean_weight, const at::Tensor& var_weight,
+            const std::optional<at::Tensor>& batch_mean,
+            const std::optional<at::Tensor>& batch_var, bool pooled_bn,
+            double eps, int64_t correction, bool need_dx) {
+  check_rows(x, "sn_backward");
+  check_same(x, dy, "sn_backward");
+  check_per_row(x, mean_in_t, "sn_backward");
+  check_per_row(x, var_in_t, "sn_backward");
+  const Mixing mix(mean_in_t, var_in_t, weight, mean_weight, var_weight,
+                   batch_mean, batch_var, eps);
+  TORCH_CHECK(!pooled_bn || mix.has_bn(),
+              "mmsn::sn_backward: pooled_bn needs batch statistics");
+  const int64_t n = mix.n, c = mix.c, length = x.size(2);
+  const bool bn = mix.has_bn();
+  const auto sums = rows_grad_sums(dy, x, mean_in_t);
+  const std::vector<double> dot = as_doubles(std::get<0>(sums));
+  const std::vector<double> sum_dy = as_doubles(std::get<1>(sums));
+
+  // y = (x - mean) * scale + beta per row, scale = gamma * rstd:
+  // neg_grad_mean = -dL/dmean, grad_var = dL/d(var + eps)
+  std::vector<double> scale(n * c), neg_grad_mean(n * c), grad_var(n * c);
+  std::vector<double> d_gamma(c, 0.0), d_beta(c, 0.0);
+  std::vector<double> gm_row(n, 0.0), gv_row(n, 0.0);
+  std::vector<double> gm_col(c, 0.0), gv_col(c, 0.0);
+  std::vector<double> gp_mean(mix.w.size(), 0.0), gp_var(mix.u.size(), 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < c; ++j) {
+      const int64_t r = i * c + j;
+      const double rstd = 1.0 / std::sqrt(mix.mixed_var_eps(i, j));
+      const double s = mix.g(j) * rstd;
+      const double grad_centered =
+          dot[r] + (mix.mean_in[r] - mix.mixed_mean(i, j)) * sum_dy[r];
+      scale[r] = s;
+      neg_grad_mean[r] = s * sum_dy[r];
+      // d rsqrt(v) / dv = -rstd^3 / 2
+      grad_var[r] = -0.5 * grad_centered * s * rstd * rstd;
+      d_gamma[j] += grad_centered * rstd;
+      d_beta[j] += sum_dy[r];
+      gm_row[i] += neg_grad_mean[r];
+      gv_row[i] += grad_var[r];
+      gm_col[j] += neg_grad_mean[r];
+      gv_col[j] += grad_var[r];
+      gp_mean[0] += neg_grad_mean[r] * mix.mean_in[r];
+      gp_var[0] += grad_var[r] * mix.var_in[r];
+    }
+    gp_mean[1] += gm_row[i] * mix.ln_mean[i];
+    gp_var[1] += gv_row[i] * mix.ln_var[i];
+  }
+  if (bn) {
+    for (int64_t j = 0; j < c; ++j) {
+      gp_mean[2] += gm_col[j] * mix.bn_mean[j];
+      gp_var[2] += gv_col[j] * mix.bn_var[j];
+    }
+  }
+  std::vector<double> d_mean_weight = softmax_grad(mix.w, gp_mean);
+  for (double& v : d_mean_weight) v = -v;
+  const std::vector<double> d_var_weight = softmax_grad(mix.u, gp_var);
+
+  const auto opts = x.options();
+  at::Tensor dx = at::empty({0}, opts);
+  if (need_dx) {
+    // Through the IN statistics directly and through the pooled LN (and
+    // BN) ones: mean_p = mean(mean_in), var_p = mean(var_in + (mean_in -
+    // mean_p)^2) have d/dmean_in = (1 + 2 g_var (mean_in - mean_p)) / count
+    // and d/dvar_in = 1 / count.
+    std::vector<double> coef_x(n * c), grad_mean_x(n * c);
+    const double dvar_dx = 2.0 / static_cast<double>(length - correction);
+    for (int64_t i = 0; i < n; ++i) {
+      const double gv_ln = gv_row[i] * mix.u[1] / c;
+      const double neg_gm_ln = gm_row[i] * mix.w[1] / c;
+      for (int64_t j = 0; j < c; ++j) {
+        const int64_t r = i * c + j;
+        double grad_mean_in = -(neg_gm_ln + mix.w[0] * neg_grad_mean[r]) +
+                              2.0 * (mix.mean_in[r] - mix.ln_mean[i]) * gv_ln;
+        double grad_var_in = gv_ln + mix.u[0] * grad_var[r];
+        if (pooled_bn) {
+          const double gv_bn = gv_col[j] * mix.u[2] / n;
+          grad_mean_in += -gm_col[j] * mix.w[2] / n +
+                          2.0 * (mix.mean_in[r] - mix.bn_mean[j]) * gv_bn;
+          grad_var_in += gv_bn;
+        }
+        coef_x[r] = grad_var_in * dvar_dx;
+        grad_mean_x[r] = grad_mean_in / length;
+      }
+    }
+    dx = rows_grad_input(dy, x, mean_in_t, from_doubles(scale, {n, c}, opts),
+                         from_doubles(coef_x, {n, c}, opts),
+                         from_doubles(grad_mean_x, {n, c}, opts));
+  }
+  return {dx, from_doubles(d_gamma, {c}, opts),
+          from_doubles(d_beta, {c}, opts),
+          from_doubles(d_mean_weight, {mean_weight.numel()}, opts),
+          from_doubles(d_var_weight, {var_weight.numel()}, opts)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mmsn, m) {
+  m.def("instance_moments(Tensor x, int correction) -> (Tensor, Tensor)");
+  m.def("rows_affine(Tensor x, Tensor mean, Tensor scale, Tensor shift) -> "
+        "Tensor");
+  m.def("rows_grad_sums(Tensor dy, Tensor x, Tensor mean) -> "
+        "(Tensor, Tensor)");
+  m.def("rows_grad_input(Tensor dy, Tensor x, Tensor mean, Tensor a, "
+        "Tensor b, Tensor k) -> Tensor");
+  m.def("sn_affine(Tensor x, Tensor mean_in, Tensor var_in, Tensor? weight, "
+        "Tensor? bias, Tensor mean_weight, Tensor var_weight, "
+        "Tensor? batch_mean, Tensor? batch_var, float eps) -> Tensor");
+  m.def("sn_backward(Tensor dy, Tensor x, Tensor mean_in, Tensor var_in, "
+        "Tensor? weight, Tensor mean_weight, Tensor var_weight, "
+        "Tensor? batch_mean, Tensor? batch_var, bool pooled_bn, float eps, "
+        "int correction, bool need_dx) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mmsn, CPU, m) {
+  m.impl("instance_moments", &instance_moments);
+  m.impl("rows_affine", &rows_affine);
+  m.impl("rows_grad_sums", &rows_grad_sums);
+  m.impl("rows_grad_input", &rows_grad_input);
+  m.impl("sn_affine", &sn_affine);
+  m.impl("sn_backward", &sn_backward);
+}
+
+}  // namespace mmsn
+
+// Importing mmsn._C runs the registrations above; the module itself is empty.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}

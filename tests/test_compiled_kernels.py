@@ -1,0 +1,107 @@
+"""The compiled CPU kernels of mmsn._C, pass by pass, against float64
+formulas written out here; their input checks; and that the install built
+them (the fast path falls back to slower kernels silently otherwise)."""
+import os
+
+import pytest
+import torch
+
+from mmsn.ops import compiled_kernels_available
+
+if os.environ.get('MMSN_WITH_OPS') == '0':
+    pytest.skip('built with MMSN_WITH_OPS=0', allow_module_level=True)
+
+ops = torch.ops.mmsn
+
+# (N, C, L): one position; a row shorter than a vector; a ragged length;
+# more rows than one thread's grain (parallel split of rows)
+SHAPES = [(3, 4, 1), (2, 3, 5), (4, 6, 37), (64, 64, 49)]
+
+
+def test_install_built_the_kernels():
+    assert compiled_kernels_available(), (
+        'mmsn._C is missing: tools/setup_env.sh builds it '
+        '(pip install --no-build-isolation -e .)')
+
+
+def rows(shape, dtype, seed, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 3 +
+            offset).to(dtype)
+
+
+def per_row(shape, dtype, seed):
+    return rows(shape[:2], dtype, seed)
+
+
+def tol(dtype):
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(
+        atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+# a large mean relative to the spread is where one-pass formulas cancel
+@pytest.mark.parametrize('offset', [0.0, 1e4])
+def test_passes_match_float64_formulas(shape, dtype, offset):
+    x = rows(shape, dtype, 0, offset)
+    x64 = x.double()
+    correction = 1 if shape[2] > 1 else 0
+    mean, var = ops.instance_moments(x, correction)
+    assert mean.dtype == var.dtype == dtype and mean.shape == shape[:2]
+    mean64 = x64.mean(2)
+    var64 = (x64 - mean64[..., None]).square().sum(2) / (shape[2] -
+                                                         correction)
+    torch.testing.assert_close(mean.double(), mean64, **tol(dtype))
+    torch.testing.assert_close(var.double(), var64, **tol(dtype))
+
+    # the later passes take the mean as given (rounded to x's dtype)
+    m = mean.double()[..., None]
+    scale, shift = per_row(shape, dtype, 1), per_row(shape, dtype, 2)
+    y = ops.rows_affine(x, mean, scale, shift)
+    want = (x64 - m) * scale.double()[..., None] + shift.double()[..., None]
+    torch.testing.assert_close(y.double(), want, **tol(dtype))
+
+    dy = rows(shape, dtype, 3)
+    dot, sum_dy = ops.rows_grad_sums(dy, x, mean)
+    torch.testing.assert_close(sum_dy.double(), dy.double().sum(2),
+                               **tol(dtype))
+    torch.testing.assert_close(dot.double(),
+                               (dy.double() * (x64 - m)).sum(2),
+                               **tol(dtype))
+
+    a, b, k = (per_row(shape, dtype, s) for s in (4, 5, 6))
+    dx = ops.rows_grad_input(dy, x, mean, a, b, k)
+    want = (a.double()[..., None] * dy.double() +
+            b.double()[..., None] * (x64 - m) + k.double()[..., None])
+    torch.testing.assert_close(dx.double(), want, **tol(dtype))
+
+
+def test_threads_do_not_change_results():
+    x = rows((64, 64, 49), torch.float32, 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = ops.instance_moments(x, 1)
+        torch.set_num_threads(2)
+        parallel = ops.instance_moments(x, 1)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match='contiguous'):
+        ops.instance_moments(x.transpose(1, 2), 1)
+    with pytest.raises(RuntimeError, match='float32 or float64'):
+        ops.instance_moments(x.half(), 1)
+    with pytest.raises(RuntimeError, match=r'\(N, C, L\)'):
+        ops.instance_moments(x[0], 1)
+    with pytest.raises(RuntimeError, match='degrees of freedom'):
+        ops.instance_moments(torch.randn(2, 3, 1), 1)
+    with pytest.raises(RuntimeError, match='N \\* C elements'):
+        ops.rows_affine(x, torch.zeros(6), torch.zeros(5), torch.zeros(6))
+    with pytest.raises(RuntimeError, match='must match'):
+        ops.rows_grad_sums(torch.randn(2, 3, 5), x, torch.zeros(6))
