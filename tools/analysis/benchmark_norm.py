@@ -10,7 +10,10 @@ columns alike:
    SN: forward (training mode), forward+backward, eval forward, memory kept
    alive for backward, and the ratios;
 2. a whole ResNet-50 (mmpretrain, norm_cfg BN vs SN, batch 8, 224x224):
-   training step (forward, loss, backward, SGD step) and eval forward.
+   training step (forward, loss, backward, SGD step) and eval forward;
+3. on the CPU with mmsn._C built, where SN's time goes: each compiled pass
+   against BN's and GN's forward and backward kernels, with the bandwidth
+   each pass reaches over the bytes it must move.
 
 Usage::
 
@@ -31,6 +34,7 @@ from torch import nn
 
 import mmsn  # noqa: F401  (registers 'SN' for mmcv's build_norm_layer)
 from mmsn import SwitchableNorm2d
+from mmsn.ops import compiled_kernels_available
 
 # (C, H=W, number of norm layers of this shape in ResNet-50)
 RESNET50_NORM_SHAPES = [
@@ -304,6 +308,54 @@ def bench_resnet50(args, device, timer):
               f'{t["SN"] / t["BN"]:.3f} |')
 
 
+def bench_passes(args, timer):
+    """Time of each compiled SN pass and of BN's/GN's kernels (ms), and the
+    bandwidth of SN's passes over the bytes each must move (GB/s)."""
+    ops = torch.ops.mmsn
+    print('\n### Where the time goes: compiled SN passes vs BN and GN kernels '
+          '(ms; GB/s over the bytes each pass must move)\n')
+    print('| shape | SN moments (1 read) | SN affine (1 read, 1 write) | '
+          'SN backward (4 reads, 1 write) | BN fwd | BN bwd | GN fwd | '
+          'GN bwd |')
+    print('|---|---|---|---|---|---|---|---|')
+    for n, c, hw in QUICK_SHAPES:
+        torch.manual_seed(0)
+        x4 = torch.randn(n, c, hw, hw, requires_grad=True)
+        x = x4.detach().view(n, c, -1)
+        dy = torch.randn_like(x)
+        mean, var = ops.instance_moments(x, 1)
+        mean_bn, var_bn = mean.mean(0), var.mean(0)
+        logits, ones = torch.zeros(3), torch.ones(c)
+        bn, gn = nn.BatchNorm2d(c), nn.GroupNorm(32, c)
+        y_bn, y_gn = bn(x4), gn(x4)
+
+        def grad_of(y):
+            return lambda: torch.autograd.grad(y, x4, dy.view_as(x4),
+                                               retain_graph=True)
+
+        med = interleaved_medians({
+            'moments': lambda: ops.instance_moments(x, 1),
+            'affine': lambda: ops.sn_affine(x, mean, var, ones, ones, logits,
+                                            logits, mean_bn, var_bn, 1e-5),
+            'backward': lambda: ops.sn_backward(
+                dy, x, mean, var, ones, logits, logits, mean_bn, var_bn,
+                True, 1e-5, 1, True),
+            'bn_fwd': lambda: bn(x4),
+            'bn_bwd': grad_of(y_bn),
+            'gn_fwd': lambda: gn(x4),
+            'gn_bwd': grad_of(y_gn),
+        }, args.reps, timer)
+        size = x.numel() * x.element_size()
+
+        def sn(key, tensors):
+            return f'{med[key] * 1e3:.3g} ({tensors * size / med[key] / 1e9:.0f})'
+
+        print(f'| {n}, {c}, {hw}, {hw} | {sn("moments", 1)} | '
+              f'{sn("affine", 2)} | {sn("backward", 5)} | ' + ' | '.join(
+                  f'{med[k] * 1e3:.3g}'
+                  for k in ('bn_fwd', 'bn_bwd', 'gn_fwd', 'gn_bwd')) + ' |')
+
+
 class _Head(nn.Module):
 
     def __init__(self, cin, classes):
@@ -359,8 +411,13 @@ def main():
                 weights.append(count)
     name = (torch.cuda.get_device_name(device) if device.type == 'cuda'
             else f'CPU, {torch.get_num_threads()} threads')
+    compiled = device.type == 'cpu' and compiled_kernels_available()
+    kernels = ('compiled mmsn._C' if compiled else
+               'PyTorch native (mmsn._C not built)'
+               if device.type == 'cpu' else 'generic PyTorch ops')
     print(f'## Norm layers, {name}, {str(args.dtype)[6:]}, torch '
-          f'{torch.__version__}, {args.reps} interleaved repetitions\n')
+          f'{torch.__version__}, {args.reps} interleaved repetitions; '
+          f'SN kernels: {kernels}\n')
     rows = []
     for i, shape in enumerate(shapes, 1):
         print(f'[{i}/{len(shapes)}] {shape}', file=sys.stderr, flush=True)
@@ -369,6 +426,8 @@ def main():
     summarize(rows, weights)
     if not args.skip_resnet:
         bench_resnet50(args, device, timer)
+    if compiled and args.dtype == torch.float32:
+        bench_passes(args, timer)
 
 
 if __name__ == '__main__':

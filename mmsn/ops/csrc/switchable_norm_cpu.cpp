@@ -40,6 +40,8 @@ namespace {
 // Rows per task so that a task covers at least as many elements as ATen's
 // own grain size (at::internal::GRAIN_SIZE): smaller work runs on one thread.
 constexpr int64_t kGrainSize = 32768;
+// Sample blocks of the backward's reductions over (N, C).
+constexpr int64_t kReductionBlocks = 8;
 
 int64_t row_grain(int64_t length) {
   return std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, length));
@@ -48,18 +50,18 @@ int64_t row_grain(int64_t length) {
 #define MMSN_ROW_KERNELS(T)                                                   \
   MMSN_MULTIVERSION void row_moments(const T* x, int64_t n, double* mean,     \
                                      double* m2) {                            \
-    double s = 0;                                                             \
-    _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; ++i) {    \
-      s += x[i];                                                              \
-    }                                                                         \
-    const double m = s / n;                                                   \
-    double q = 0;                                                             \
-    _Pragma("omp simd reduction(+ : q)") for (int64_t i = 0; i < n; ++i) {    \
-      const double d = x[i] - m;                                              \
+    /* One pass around a pivot taken from the row: the cancellation in   */ \
+    /* m2 = sum(d^2) - sum(d)^2 / n is at most a factor n, since          */ \
+    /* (x[0] - mean)^2 <= m2, which double precision absorbs.             */ \
+    const T pivot = x[0];                                                     \
+    double s = 0, q = 0;                                                      \
+    _Pragma("omp simd reduction(+ : s, q)") for (int64_t i = 0; i < n; ++i) { \
+      const double d = static_cast<double>(x[i] - pivot);                     \
+      s += d;                                                                 \
       q += d * d;                                                             \
     }                                                                         \
-    *mean = m;                                                                \
-    *m2 = q;                                                                  \
+    *mean = pivot + s / n;                                                    \
+    *m2 = std::max(q - s * s / n, 0.0);                                       \
   }                                                                           \
   MMSN_MULTIVERSION void row_affine(const T* x, T* y, int64_t n, T mean,      \
                                     T scale, T shift) {                       \
@@ -264,10 +266,14 @@ at::Tensor from_doubles(const std::vector<double>& v, at::IntArrayRef sizes,
   return out;
 }
 
-// Statistics and shares of one call, all as doubles.
+// Statistics and shares of one call. Per-(n, c) values are read in place
+// and per-row coefficients computed inside the parallel passes: scratch
+// arrays of N * C doubles would cost more (page faults) than the math.
+template <typename T>
 struct Mixing {
   int64_t n, c;
-  std::vector<double> mean_in, var_in;  // (N * C)
+  const T* mean_in;                     // (N * C)
+  const T* var_in;                      // (N * C)
   std::vector<double> w, u;             // shares [IN, LN(, BN)]
   std::vector<double> ln_mean, ln_var;  // (N)
   std::vector<double> bn_mean, bn_var;  // (C), empty without a BN branch
@@ -281,8 +287,8 @@ struct Mixing {
          const std::optional<at::Tensor>& batch_var, double eps_)
       : n(mean_in_.size(0)),
         c(mean_in_.size(1)),
-        mean_in(as_doubles(mean_in_)),
-        var_in(as_doubles(var_in_)),
+        mean_in(mean_in_.const_data_ptr<T>()),
+        var_in(var_in_.const_data_ptr<T>()),
         w(softmax(mean_weight)),
         u(softmax(var_weight)),
         ln_mean(n, 0.0),
@@ -310,13 +316,16 @@ struct Mixing {
     // LN: mean of the means; mean of var_in + (mean_in - mean)^2, which has
     // no cancellation (see layer_stats_from_instance)
     for (int64_t i = 0; i < n; ++i) {
-      const double* m = &mean_in[i * c];
-      const double* v = &var_in[i * c];
+      const T* m = mean_in + i * c;
+      const T* v = var_in + i * c;
       double s = 0;
       for (int64_t j = 0; j < c; ++j) s += m[j];
       const double mu = s / c;
       double q = 0;
-      for (int64_t j = 0; j < c; ++j) q += v[j] + (m[j] - mu) * (m[j] - mu);
+      for (int64_t j = 0; j < c; ++j) {
+        const double d = m[j] - mu;
+        q += v[j] + d * d;
+      }
       ln_mean[i] = mu;
       ln_var[i] = q / c;
     }
@@ -325,12 +334,14 @@ struct Mixing {
   bool has_bn() const { return !bn_mean.empty(); }
   double g(int64_t j) const { return gamma.empty() ? 1.0 : gamma[j]; }
   double mixed_mean(int64_t i, int64_t j) const {
-    double m = w[0] * mean_in[i * c + j] + w[1] * ln_mean[i];
+    const double m = w[0] * mean_in[i * c + j] + w[1] * ln_mean[i];
     return has_bn() ? m + w[2] * bn_mean[j] : m;
   }
-  double mixed_var_eps(int64_t i, int64_t j) const {
+  // 1 / sqrt(mixed variance + eps)
+  double rstd(int64_t i, int64_t j) const {
     double v = u[0] * var_in[i * c + j] + u[1] * ln_var[i] + eps;
-    return has_bn() ? v + u[2] * bn_var[j] : v;
+    if (has_bn()) v += u[2] * bn_var[j];
+    return 1.0 / std::sqrt(v);
   }
 };
 
@@ -346,40 +357,62 @@ at::Tensor sn_affine(const at::Tensor& x, const at::Tensor& mean_in,
   check_rows(x, "sn_affine");
   check_per_row(x, mean_in, "sn_affine");
   check_per_row(x, var_in, "sn_affine");
-  const Mixing mix(mean_in, var_in, weight, mean_weight, var_weight,
-                   batch_mean, batch_var, eps);
-  const int64_t n = mix.n, c = mix.c;
+  const int64_t c = x.size(1), rows = x.size(0) * c, length = x.size(2);
   std::vector<double> beta;
   if (bias.has_value()) beta = as_doubles(*bias);
   TORCH_CHECK(beta.empty() || static_cast<int64_t>(beta.size()) == c,
               "mmsn: bias must have C = ", c, " elements");
-  std::vector<double> scale(n * c), shift(n * c);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < c; ++j) {
-      const int64_t r = i * c + j;
-      const double s = mix.g(j) / std::sqrt(mix.mixed_var_eps(i, j));
-      scale[r] = s;
-      // y = (x - mean_in) * scale + shift
-      shift[r] = (mix.mean_in[r] - mix.mixed_mean(i, j)) * s +
-                 (beta.empty() ? 0.0 : beta[j]);
-    }
-  }
-  const auto opts = x.options();
-  return rows_affine(x, mean_in, from_doubles(scale, {n, c}, opts),
-                     from_doubles(shift, {n, c}, opts));
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_sn_affine", [&] {
+    const Mixing<scalar_t> mix(mean_in, var_in, weight, mean_weight,
+                               var_weight, batch_mean, batch_var, eps);
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
+      for (int64_t r = b, i = b / c, j = b % c; r < e; ++r, ++j) {
+        if (j == c) j = 0, ++i;  // (i, j) = divmod(r, c), without dividing
+        const double scale = mix.g(j) * mix.rstd(i, j);
+        // y = (x - mean_in) * scale + shift
+        const double shift = (mix.mean_in[r] - mix.mixed_mean(i, j)) * scale +
+                             (beta.empty() ? 0.0 : beta[j]);
+        row_affine(px + r * length, py + r * length, length, mix.mean_in[r],
+                   static_cast<scalar_t>(scale), static_cast<scalar_t>(shift));
+      }
+    });
+  });
+  return y;
 }
 
-// Gradient of the importance logits given the gradient of the mixed
-// statistic (N, C) through each branch: sum_k d(mixed)/d(share_k) * stat_k.
+// Gradient of the importance logits from the gradients of the shares.
 std::vector<double> softmax_grad(const std::vector<double>& shares,
-                                 const std::vector<double>& grad_probs) {
+                                 const std::vector<double>& grad_shares) {
   double dot = 0;
-  for (size_t k = 0; k < shares.size(); ++k) dot += shares[k] * grad_probs[k];
+  for (size_t k = 0; k < shares.size(); ++k) dot += shares[k] * grad_shares[k];
   std::vector<double> out(shares.size());
   for (size_t k = 0; k < shares.size(); ++k) {
-    out[k] = shares[k] * (grad_probs[k] - dot);
+    out[k] = shares[k] * (grad_shares[k] - dot);
   }
   return out;
+}
+
+// Per-row gradients of y = (x - mean) * scale + beta, scale = gamma * rstd,
+// with respect to the mixed mean (negated) and the mixed variance + eps.
+struct RowGrads {
+  double rstd, scale, neg_grad_mean, grad_var, grad_centered;
+};
+
+template <typename T>
+RowGrads row_grads(const Mixing<T>& mix, int64_t i, int64_t j, double dot,
+                   double sum_dy) {
+  RowGrads g;
+  g.rstd = mix.rstd(i, j);
+  g.scale = mix.g(j) * g.rstd;
+  g.grad_centered =
+      dot + (mix.mean_in[i * mix.c + j] - mix.mixed_mean(i, j)) * sum_dy;
+  g.neg_grad_mean = g.scale * sum_dy;
+  // d rsqrt(v) / dv = -rstd^3 / 2
+  g.grad_var = -0.5 * g.grad_centered * g.scale * g.rstd * g.rstd;
+  return g;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -394,87 +427,116 @@ sn_backward(const at::Tensor& dy, const at::Tensor& x,
   check_same(x, dy, "sn_backward");
   check_per_row(x, mean_in_t, "sn_backward");
   check_per_row(x, var_in_t, "sn_backward");
-  const Mixing mix(mean_in_t, var_in_t, weight, mean_weight, var_weight,
-                   batch_mean, batch_var, eps);
-  TORCH_CHECK(!pooled_bn || mix.has_bn(),
+  TORCH_CHECK(!pooled_bn || batch_mean.has_value(),
               "mmsn::sn_backward: pooled_bn needs batch statistics");
-  const int64_t n = mix.n, c = mix.c, length = x.size(2);
-  const bool bn = mix.has_bn();
-  const auto sums = rows_grad_sums(dy, x, mean_in_t);
-  const std::vector<double> dot = as_doubles(std::get<0>(sums));
-  const std::vector<double> sum_dy = as_doubles(std::get<1>(sums));
-
-  // y = (x - mean) * scale + beta per row, scale = gamma * rstd:
-  // neg_grad_mean = -dL/dmean, grad_var = dL/d(var + eps)
-  std::vector<double> scale(n * c), neg_grad_mean(n * c), grad_var(n * c);
-  std::vector<double> d_gamma(c, 0.0), d_beta(c, 0.0);
-  std::vector<double> gm_row(n, 0.0), gv_row(n, 0.0);
-  std::vector<double> gm_col(c, 0.0), gv_col(c, 0.0);
-  std::vector<double> gp_mean(mix.w.size(), 0.0), gp_var(mix.u.size(), 0.0);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < c; ++j) {
-      const int64_t r = i * c + j;
-      const double rstd = 1.0 / std::sqrt(mix.mixed_var_eps(i, j));
-      const double s = mix.g(j) * rstd;
-      const double grad_centered =
-          dot[r] + (mix.mean_in[r] - mix.mixed_mean(i, j)) * sum_dy[r];
-      scale[r] = s;
-      neg_grad_mean[r] = s * sum_dy[r];
-      // d rsqrt(v) / dv = -rstd^3 / 2
-      grad_var[r] = -0.5 * grad_centered * s * rstd * rstd;
-      d_gamma[j] += grad_centered * rstd;
-      d_beta[j] += sum_dy[r];
-      gm_row[i] += neg_grad_mean[r];
-      gv_row[i] += grad_var[r];
-      gm_col[j] += neg_grad_mean[r];
-      gv_col[j] += grad_var[r];
-      gp_mean[0] += neg_grad_mean[r] * mix.mean_in[r];
-      gp_var[0] += grad_var[r] * mix.var_in[r];
-    }
-    gp_mean[1] += gm_row[i] * mix.ln_mean[i];
-    gp_var[1] += gv_row[i] * mix.ln_var[i];
-  }
-  if (bn) {
-    for (int64_t j = 0; j < c; ++j) {
-      gp_mean[2] += gm_col[j] * mix.bn_mean[j];
-      gp_var[2] += gv_col[j] * mix.bn_var[j];
-    }
-  }
-  std::vector<double> d_mean_weight = softmax_grad(mix.w, gp_mean);
-  for (double& v : d_mean_weight) v = -v;
-  const std::vector<double> d_var_weight = softmax_grad(mix.u, gp_var);
-
+  const int64_t n = x.size(0), c = x.size(1), length = x.size(2);
   const auto opts = x.options();
-  at::Tensor dx = at::empty({0}, opts);
-  if (need_dx) {
-    // Through the IN statistics directly and through the pooled LN (and
-    // BN) ones: mean_p = mean(mean_in), var_p = mean(var_in + (mean_in -
-    // mean_p)^2) have d/dmean_in = (1 + 2 g_var (mean_in - mean_p)) / count
-    // and d/dvar_in = 1 / count.
-    std::vector<double> coef_x(n * c), grad_mean_x(n * c);
-    const double dvar_dx = 2.0 / static_cast<double>(length - correction);
-    for (int64_t i = 0; i < n; ++i) {
-      const double gv_ln = gv_row[i] * mix.u[1] / c;
-      const double neg_gm_ln = gm_row[i] * mix.w[1] / c;
+  at::Tensor dx = need_dx ? at::empty_like(x) : at::empty({0}, opts);
+  std::vector<double> d_gamma(c, 0.0), d_beta(c, 0.0);
+  std::vector<double> d_mean_weight, d_var_weight;
+  const auto sums = rows_grad_sums(dy, x, mean_in_t);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_sn_backward", [&] {
+    const Mixing<scalar_t> mix(mean_in_t, var_in_t, weight, mean_weight,
+                               var_weight, batch_mean, batch_var, eps);
+    const scalar_t* dot = std::get<0>(sums).const_data_ptr<scalar_t>();
+    const scalar_t* sum_dy = std::get<1>(sums).const_data_ptr<scalar_t>();
+    // Row (per-sample) and column (per-channel) sums of the gradients of
+    // the mixed statistics, and the gradients of the shares. Samples are
+    // split into a fixed number of blocks, summed in parallel and merged in
+    // order, so that the result does not depend on the thread count.
+    std::vector<double> gm_row(n, 0.0), gv_row(n, 0.0);
+    const int64_t blocks = std::min<int64_t>(n, kReductionBlocks);
+    // per block: gm_col, gv_col, d_gamma, d_beta (C each), then gp_mean and
+    // gp_var (3 each)
+    const int64_t stride = 4 * c + 6;
+    std::vector<double> partial(blocks * stride, 0.0);
+    at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
+      for (int64_t k = kb; k < ke; ++k) {
+        double* gm_col = &partial[k * stride];
+        double* gv_col = gm_col + c;
+        double* dg = gv_col + c;
+        double* db = dg + c;
+        double* gp = db + c;  // gp_mean[0..2], gp_var[0..2]
+        for (int64_t i = n * k / blocks; i < n * (k + 1) / blocks; ++i) {
+          double gm = 0, gv = 0;
+          for (int64_t j = 0; j < c; ++j) {
+            const int64_t r = i * c + j;
+            const RowGrads g = row_grads(mix, i, j, dot[r], sum_dy[r]);
+            dg[j] += g.grad_centered * g.rstd;
+            db[j] += sum_dy[r];
+            gm += g.neg_grad_mean;
+            gv += g.grad_var;
+            gm_col[j] += g.neg_grad_mean;
+            gv_col[j] += g.grad_var;
+            gp[0] += g.neg_grad_mean * mix.mean_in[r];
+            gp[3] += g.grad_var * mix.var_in[r];
+          }
+          gm_row[i] = gm;
+          gv_row[i] = gv;
+          gp[1] += gm * mix.ln_mean[i];
+          gp[4] += gv * mix.ln_var[i];
+        }
+      }
+    });
+    std::vector<double> gm_col(c, 0.0), gv_col(c, 0.0);
+    std::vector<double> gp_mean(mix.w.size(), 0.0), gp_var(mix.u.size(), 0.0);
+    for (int64_t k = 0; k < blocks; ++k) {
+      const double* part = &partial[k * stride];
       for (int64_t j = 0; j < c; ++j) {
-        const int64_t r = i * c + j;
-        double grad_mean_in = -(neg_gm_ln + mix.w[0] * neg_grad_mean[r]) +
-                              2.0 * (mix.mean_in[r] - mix.ln_mean[i]) * gv_ln;
-        double grad_var_in = gv_ln + mix.u[0] * grad_var[r];
+        gm_col[j] += part[j];
+        gv_col[j] += part[c + j];
+        d_gamma[j] += part[2 * c + j];
+        d_beta[j] += part[3 * c + j];
+      }
+      for (int t = 0; t < 2; ++t) {
+        gp_mean[t] += part[4 * c + t];
+        gp_var[t] += part[4 * c + 3 + t];
+      }
+    }
+    if (mix.has_bn()) {
+      for (int64_t j = 0; j < c; ++j) {
+        gp_mean[2] += gm_col[j] * mix.bn_mean[j];
+        gp_var[2] += gv_col[j] * mix.bn_var[j];
+      }
+    }
+    d_mean_weight = softmax_grad(mix.w, gp_mean);
+    for (double& v : d_mean_weight) v = -v;
+    d_var_weight = softmax_grad(mix.u, gp_var);
+    if (!need_dx) return;
+
+    // dx = scale * dy + coef_x * (x - mean_in) + k per row, through the IN
+    // statistics directly and through the pooled LN (and BN) ones:
+    // mean_p = mean(mean_in), var_p = mean(var_in + (mean_in - mean_p)^2)
+    // have d/dmean_in = (1 + 2 g_var (mean_in - mean_p)) / count and
+    // d/dvar_in = 1 / count.
+    const double dvar_dx = 2.0 / static_cast<double>(length - correction);
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n * c, row_grain(length), [&](int64_t b, int64_t e) {
+      for (int64_t r = b, i = b / c, j = b % c; r < e; ++r, ++j) {
+        if (j == c) j = 0, ++i;  // (i, j) = divmod(r, c), without dividing
+        const RowGrads g = row_grads(mix, i, j, dot[r], sum_dy[r]);
+        const double gv_ln = gv_row[i] * mix.u[1] / c;
+        const double mean_r = mix.mean_in[r];
+        double grad_mean_in =
+            -(gm_row[i] * mix.w[1] / c + mix.w[0] * g.neg_grad_mean) +
+            2.0 * (mean_r - mix.ln_mean[i]) * gv_ln;
+        double grad_var_in = gv_ln + mix.u[0] * g.grad_var;
         if (pooled_bn) {
           const double gv_bn = gv_col[j] * mix.u[2] / n;
           grad_mean_in += -gm_col[j] * mix.w[2] / n +
-                          2.0 * (mix.mean_in[r] - mix.bn_mean[j]) * gv_bn;
+                          2.0 * (mean_r - mix.bn_mean[j]) * gv_bn;
           grad_var_in += gv_bn;
         }
-        coef_x[r] = grad_var_in * dvar_dx;
-        grad_mean_x[r] = grad_mean_in / length;
+        row_grad_input(pdy + r * length, px + r * length, pdx + r * length,
+                       length, mix.mean_in[r],
+                       static_cast<scalar_t>(g.scale),
+                       static_cast<scalar_t>(grad_var_in * dvar_dx),
+                       static_cast<scalar_t>(grad_mean_in / length));
       }
-    }
-    dx = rows_grad_input(dy, x, mean_in_t, from_doubles(scale, {n, c}, opts),
-                         from_doubles(coef_x, {n, c}, opts),
-                         from_doubles(grad_mean_x, {n, c}, opts));
-  }
+    });
+  });
   return {dx, from_doubles(d_gamma, {c}, opts),
           from_doubles(d_beta, {c}, opts),
           from_doubles(d_mean_weight, {mean_weight.numel()}, opts),
