@@ -5,6 +5,7 @@ mode; gradcheck in float64; memory kept for backward; torch.compile."""
 import copy
 import importlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -368,3 +369,27 @@ def test_custom_batch_stats_fn_is_differentiated(kernels, monkeypatch):
         results.append([y.detach(), xi.grad] + [p.grad for p in params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_compiled_kernels_warn_once_and_fall_back(monkeypatch):
+    """Without mmsn._C (not built, or built against another torch) the CPU
+    path uses PyTorch's kernels, says so once, and gives the same numbers;
+    MMSN_WITH_OPS=0 (an explicit choice) silences the warning."""
+    monkeypatch.setattr(sn_ops, '_COMPILED', None)
+    monkeypatch.setattr(sn_ops, '_COMPILED_ERROR', 'ImportError: gone')
+    monkeypatch.setattr(sn_ops, '_warned_native', False)
+    monkeypatch.delenv('MMSN_WITH_OPS', raising=False)
+    layer = make_layer(SwitchableNorm2d)
+    ref = copy.deepcopy(layer)
+    x = make_input((4, C, 5, 3))
+    grad_out = torch.randn(x.shape)
+    with pytest.warns(RuntimeWarning, match=r'mmsn\._C.*ImportError: gone'):
+        got = run(layer, x, grad_out, '', monkeypatch, steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        layer(x)
+        monkeypatch.setattr(sn_ops, '_warned_native', False)
+        monkeypatch.setenv('MMSN_WITH_OPS', '0')
+        layer(x)
+    want = run(ref, x, grad_out, 'composite', monkeypatch, steps=1)
+    assert_all_close(got, want, 1e-5)

@@ -25,6 +25,7 @@ Two execution paths give the same numbers:
 """
 import contextlib
 import os
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -176,12 +177,14 @@ def _composite(x3: Tensor, weight, bias, mean_weight, var_weight,
 def _load_compiled_kernels():
     try:
         from mmsn import _C  # noqa: F401  (registers torch.ops.mmsn)
-    except ImportError:
-        return None
-    return torch.ops.mmsn
+    except ImportError as err:
+        # not built, or built against another torch
+        return None, f'{type(err).__name__}: {err}'
+    return torch.ops.mmsn, None
 
 
-_COMPILED = _load_compiled_kernels()
+_COMPILED, _COMPILED_ERROR = _load_compiled_kernels()
+_warned_native = False
 
 
 def compiled_kernels_available() -> bool:
@@ -194,7 +197,21 @@ def _row_kernels(x: Tensor) -> str:
         return 'generic'
     if _COMPILED is not None and _FORCED_PATH != 'native':
         return 'compiled'
+    if _COMPILED is None and os.environ.get('MMSN_WITH_OPS') != '0':
+        _warn_native_once()
     return 'native'
+
+
+def _warn_native_once():
+    global _warned_native
+    if not _warned_native:
+        _warned_native = True
+        warnings.warn(
+            'mmsn._C could not be loaded; SN on the CPU falls back to '
+            'slower PyTorch kernels (same results). Rebuild it with `pip '
+            'install --no-build-isolation -e .` against the installed torch '
+            f'(or set MMSN_WITH_OPS=0 to silence this). ({_COMPILED_ERROR})',
+            RuntimeWarning, stacklevel=2)
 
 
 # at::internal::GRAIN_SIZE: CPU ops on fewer elements run on one thread.
