@@ -78,13 +78,30 @@ def test_passes_match_float64_formulas(shape, dtype, offset):
 
 
 def test_threads_do_not_change_results():
-    x = rows((64, 64, 49), torch.float32, 0)
+    """Rows are split between threads, and the backward's sums over (N, C)
+    run in fixed sample blocks: bit-identical results for any thread
+    count."""
+    n, c = 64, 64
+    x = rows((n, c, 49), torch.float32, 0)
+    dy = rows((n, c, 49), torch.float32, 1)
+    logits = torch.tensor([0.2, -0.1, 0.4])
+    gamma, beta = per_row((2, c), torch.float32, 2)
+
+    def run_all():
+        mean, var = ops.instance_moments(x, 1)
+        mean_bn, var_bn = mean.mean(0), var.mean(0)
+        y = ops.sn_affine(x, mean, var, gamma, beta, logits, logits,
+                          mean_bn, var_bn, 1e-5)
+        grads = ops.sn_backward(dy, x, mean, var, gamma, logits, logits,
+                                mean_bn, var_bn, True, 1e-5, 1, True)
+        return (mean, var, y, *grads)
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        serial = ops.instance_moments(x, 1)
+        serial = run_all()
         torch.set_num_threads(2)
-        parallel = ops.instance_moments(x, 1)
+        parallel = run_all()
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(serial, parallel):
@@ -105,3 +122,13 @@ def test_bad_inputs_raise_clear_errors():
         ops.rows_affine(x, torch.zeros(6), torch.zeros(5), torch.zeros(6))
     with pytest.raises(RuntimeError, match='must match'):
         ops.rows_grad_sums(torch.randn(2, 3, 5), x, torch.zeros(6))
+    mean, var = ops.instance_moments(x, 1)
+    with pytest.raises(RuntimeError, match='expected 3 importance logits'):
+        ops.sn_affine(x, mean, var, None, None, torch.zeros(2),
+                      torch.zeros(3), mean[0], var[0], 1e-5)
+    with pytest.raises(RuntimeError, match='batch statistics must have C'):
+        ops.sn_affine(x, mean, var, None, None, torch.zeros(3),
+                      torch.zeros(3), torch.zeros(4), torch.ones(4), 1e-5)
+    with pytest.raises(RuntimeError, match='pooled_bn needs batch'):
+        ops.sn_backward(x, x, mean, var, None, torch.zeros(2),
+                        torch.zeros(2), None, None, True, 1e-5, 1, True)
