@@ -1,16 +1,18 @@
-// CPU kernels for the four passes of Switchable Normalization over the big
-// tensor, viewed as contiguous rows (N * C rows of L positions):
+// CPU kernels of Switchable Normalization (mmsn._C), over the big tensor
+// viewed as contiguous rows (N * C rows of L positions). Four row passes:
 //
 //   forward:  instance_moments  (mean, var per row)
 //             rows_affine       y  = (x - mean) * scale + shift
 //   backward: rows_grad_sums    sum(dy), sum(dy * (x - mean)) per row
 //             rows_grad_input   dx = a * dy + b * (x - mean) + k
 //
-// Each pass reads the big tensors once (a row is re-read from cache for the
-// two-pass variance), so SN moves as many bytes as GroupNorm. The small
-// per-(n, c) algebra between the passes stays in Python
-// (mmsn/ops/switchable_norm.py). Sums accumulate in double; the affine maps
-// are applied to x - mean so that inputs with a large mean lose nothing.
+// and the whole layer for the common cases, sn_affine (forward after the
+// moments) and sn_backward, which compute the per-(n, c) algebra in double
+// inside those passes. Each pass reads the big tensors once, so SN moves as
+// many bytes as BatchNorm. Sums accumulate in double; the affine maps are
+// applied to x - mean so that inputs with a large mean lose nothing.
+// mmsn/ops/switchable_norm.py holds the reference formulation and the
+// fallbacks for other devices.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
