@@ -21,7 +21,9 @@ Two execution paths give the same numbers:
   closed form; only ``batch_stats_fn`` (which may all-reduce) is
   differentiated by autograd.
 * the composite path (plain autograd), used under ``torch.compile`` (where
-  inductor fuses it), for double backward and as the reference in tests.
+  inductor fuses it) and as the reference in tests. The fast path's
+  backward is not differentiable again; for second-order gradients set
+  ``MMSN_SN_PATH=composite``.
 """
 import contextlib
 import os
