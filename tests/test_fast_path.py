@@ -395,9 +395,12 @@ def test_missing_compiled_kernels_warn_once_and_fall_back(monkeypatch):
     assert_all_close(got, want, 1e-5)
 
 
-def test_composite_path_gives_second_order_gradients(monkeypatch):
-    """What the docs offer for gradient penalties: MMSN_SN_PATH=composite."""
+@pytest.mark.parametrize('training', [True, False])
+def test_composite_path_gives_second_order_gradients(training, monkeypatch):
+    """What the docs offer for gradient penalties: MMSN_SN_PATH=composite
+    (in training mode this differentiates the pooled BN statistics' own
+    closed-form backward)."""
     monkeypatch.setattr(sn_ops, '_FORCED_PATH', 'composite')
-    layer = make_layer(SwitchableNorm2d, torch.float64)  # training mode
+    layer = make_layer(SwitchableNorm2d, torch.float64).train(training)
     x = make_input((3, C, 3, 2), torch.float64).requires_grad_()
     assert torch.autograd.gradgradcheck(layer, (x, ), eps=1e-6, atol=1e-5)

@@ -72,18 +72,21 @@ def _pooled_stats(mean_in: Tensor, var_in: Tensor,
 
 class _BatchStatsFromInstance(torch.autograd.Function):
     """:func:`batch_stats_from_instance` with a closed-form backward that
-    keeps only ``mean_in`` (already kept by SN) and the (C,) batch mean,
-    where autograd would keep another (N, C) intermediate."""
+    keeps only ``mean_in`` (already kept by SN), where autograd would keep
+    another (N, C) intermediate."""
 
     @staticmethod
     def forward(ctx, mean_in, var_in):
         mean_bn, var_bn = _pooled_stats(mean_in, var_in, 0)
-        ctx.save_for_backward(mean_in, mean_bn)
+        ctx.save_for_backward(mean_in)
         return mean_bn.squeeze(0), var_bn.squeeze(0)
 
     @staticmethod
     def backward(ctx, grad_mean_bn, grad_var_bn):
-        mean_in, mean_bn = ctx.saved_tensors
+        mean_in, = ctx.saved_tensors
+        # recomputed from mean_in (not saved) so that a double backward sees
+        # its dependence on mean_in
+        mean_bn = mean_in.mean(0, keepdim=True)
         n = mean_in.shape[0]
         grad_mean_in = grad_var_in = None
         if grad_var_bn is not None:
