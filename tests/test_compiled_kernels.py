@@ -132,3 +132,32 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match='pooled_bn needs batch'):
         ops.sn_backward(x, x, mean, var, None, torch.zeros(2),
                         torch.zeros(2), None, None, True, 1e-5, 1, True)
+
+
+@pytest.mark.parametrize('n', [1, 4])
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('with_bn', [True, False])
+def test_fixed_stats_forward_equals_the_two_pass_forward(n, threads, with_bn):
+    """sn_forward_fixed (one sweep, sample by sample: rows of one sample in
+    parallel when there are fewer samples than threads, whole samples per
+    thread otherwise) gives exactly the moments of instance_moments and the
+    output of sn_affine."""
+    c = 6
+    x = rows((n, c, 37), torch.float32, 0, offset=3.0)
+    gamma, beta = per_row((2, c), torch.float32, 1)
+    k = 3 if with_bn else 2
+    mw, vw = torch.linspace(-0.5, 0.5, k), torch.linspace(0.3, -0.2, k)
+    fixed = (rows((c, ), torch.float32, 2), rows((c, ), torch.float32, 3).abs()
+             ) if with_bn else (None, None)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y, mean, var = ops.sn_forward_fixed(x, gamma, beta, mw, vw, *fixed,
+                                            1e-5, 1)
+    finally:
+        torch.set_num_threads(old)
+    mean_ref, var_ref = ops.instance_moments(x, 1)
+    y_ref = ops.sn_affine(x, mean_ref, var_ref, gamma, beta, mw, vw, *fixed,
+                          1e-5)
+    assert torch.equal(mean, mean_ref) and torch.equal(var, var_ref)
+    assert torch.equal(y, y_ref)

@@ -404,3 +404,40 @@ def test_composite_path_gives_second_order_gradients(training, monkeypatch):
     layer = make_layer(SwitchableNorm2d, torch.float64).train(training)
     x = make_input((3, C, 3, 2), torch.float64).requires_grad_()
     assert torch.autograd.gradgradcheck(layer, (x, ), eps=1e-6, atol=1e-5)
+
+
+def test_fixed_batch_stats_are_checked():
+    x = make_input((2, C, 3, 3))
+    layer = make_layer(SwitchableNorm2d)
+    params = [getattr(layer, n) for n in PARAMS]
+    with pytest.raises(TypeError, match='callable, a \\(mean, var\\) pair'):
+        sn_ops.switchable_norm(x, *params, torch.zeros(C))
+    with pytest.raises(ValueError, match=f'shape \\({C},\\)'):
+        sn_ops.switchable_norm(x, *params, (torch.zeros(C + 1),
+                                            torch.ones(C + 1)))
+
+
+@pytest.mark.parametrize('kernels', list(KERNELS))
+def test_fixed_batch_stats_equal_a_function_returning_them(kernels,
+                                                           monkeypatch):
+    """Fixed (running) statistics take the one-sweep forward on the CPU;
+    the result, gradients included, is what a batch_stats_fn returning the
+    same constants gives."""
+    layer = make_layer(SwitchableNorm2d).eval()
+    fixed = (layer.running_mean, layer.running_var)
+    x = make_input((4, C, 5, 3))
+    grad_out = torch.randn(x.shape)
+    monkeypatch.setattr(sn_ops, '_FORCED_PATH', kernel_path(kernels))
+    results = []
+    for stats in (fixed, lambda mean_in, var_in: fixed):
+        xi = x.clone().requires_grad_()
+        params = [getattr(layer, n).detach().clone().requires_grad_()
+                  for n in PARAMS]
+        y = sn_ops.switchable_norm(xi, *params, stats)
+        y.backward(grad_out)
+        with torch.no_grad():
+            y_no_grad = sn_ops.switchable_norm(x, *params, stats)
+        results.append([y.detach(), y_no_grad, xi.grad] +
+                       [p.grad for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -28,7 +28,7 @@ Two execution paths give the same numbers:
 import contextlib
 import os
 import warnings
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -37,6 +37,9 @@ from torch.autograd.function import once_differentiable
 # Given (mean_in, var_in) of shape (N, C), returns (mean_bn, var_bn) of shape
 # (C,), or None when the layer has no BN branch.
 BatchStatsFn = Callable[[Tensor, Tensor], Optional[Tuple[Tensor, Tensor]]]
+# What switchable_norm takes: that function, fixed (mean, var) statistics of
+# shape (C,) (running statistics), or None (no BN branch).
+BatchStats = Union[BatchStatsFn, Tuple[Tensor, Tensor], None]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _aten = torch.ops.aten
@@ -61,6 +64,21 @@ def in_var_correction(num_positions: int, unbiased: bool) -> int:
     used.
     """
     return 1 if unbiased and num_positions > 1 else 0
+
+
+def _fixed_stats(batch_stats, dtype) -> Optional[Tuple[Tensor, Tensor]]:
+    """Fixed BN statistics (or None) in the statistics' dtype."""
+    if batch_stats is None:
+        return None
+    return tuple(t.to(dtype) for t in batch_stats)
+
+
+def _batch_stats_of(batch_stats: BatchStats, mean_in: Tensor,
+                    var_in: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """The BN statistics to mix, in the dtype of the IN ones."""
+    if callable(batch_stats):
+        return batch_stats(mean_in, var_in)
+    return _fixed_stats(batch_stats, mean_in.dtype)
 
 
 def _pooled_stats(mean_in: Tensor, var_in: Tensor,
@@ -141,7 +159,7 @@ def mix_statistics(mean_in: Tensor, var_in: Tensor, mean_weight: Tensor,
 # ---------------------------------------------------------------------------
 def _scale_shift(mean_in: Tensor, var_in: Tensor, weight: Optional[Tensor],
                  bias: Optional[Tensor], mean_weight: Tensor,
-                 var_weight: Tensor, batch_stats_fn: BatchStatsFn,
+                 var_weight: Tensor, batch_stats_fn: BatchStats,
                  eps: float) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) affine map so that ``y = (x - mean_in) * scale + shift``.
 
@@ -150,7 +168,8 @@ def _scale_shift(mean_in: Tensor, var_in: Tensor, weight: Optional[Tensor],
     large mean.
     """
     mean, var = mix_statistics(mean_in, var_in, mean_weight, var_weight,
-                               batch_stats_fn(mean_in, var_in))
+                               _batch_stats_of(batch_stats_fn, mean_in,
+                                               var_in))
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(scale.dtype)
@@ -374,6 +393,35 @@ def _param(t, dtype):
     return None if t is None else t.detach().to(dtype)
 
 
+def _differentiable_batch_stats(ctx, batch_stats_fn, mean_in, var_in):
+    """The BN statistics, detached, and what backward needs of their
+    gradient: (batch, batch_graph, leaves).
+
+    They may be pooled across processes: batch_stats_fn is differentiated by
+    autograd (only when the input needs a gradient; the others do not depend
+    on it), except for the default pooling, whose gradient the backward
+    writes out (``ctx.pooled_bn``) and fixed statistics, which have none.
+    """
+    with _serial_small_ops(mean_in.numel(), mean_in.device):
+        leaves = None
+        if ctx.needs_input_grad[0] and callable(batch_stats_fn):
+            with torch.enable_grad():
+                leaves = (mean_in.detach().requires_grad_(),
+                          var_in.detach().requires_grad_())
+                batch_graph = batch_stats_fn(*leaves)
+        else:
+            batch_graph = _batch_stats_of(batch_stats_fn, mean_in, var_in)
+        if batch_graph is None:
+            return None, None, None
+        batch = tuple(t.detach() for t in batch_graph)
+        if leaves is None or not any(t.requires_grad for t in batch_graph):
+            return batch, None, None
+        if _is_default_batch_stats(batch_graph):
+            ctx.pooled_bn = True
+            return batch, None, None
+        return batch, batch_graph, leaves
+
+
 class _FusedSwitchableNorm(torch.autograd.Function):
     """SN on a contiguous (N, C, L) tensor, saving only the input and the IN
     moments.
@@ -389,48 +437,40 @@ class _FusedSwitchableNorm(torch.autograd.Function):
                 eps, correction):
         xf = x.float() if x.dtype in _LOW_PRECISION else x
         dtype = xf.dtype
-        mean_in, var_in, scratch = _instance_moments(xf, correction)
-        with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
-            # The BN statistics may be pooled across processes:
-            # batch_stats_fn is differentiated by autograd (only when the
-            # input needs a gradient; the others do not depend on it), except
-            # for the default pooling, whose gradient is written out below.
-            leaves = None
-            if ctx.needs_input_grad[0]:
-                with torch.enable_grad():
-                    leaves = (mean_in.detach().requires_grad_(),
-                              var_in.detach().requires_grad_())
-                    batch_graph = batch_stats_fn(*leaves)
-            else:
-                batch_graph = batch_stats_fn(mean_in, var_in)
-            batch, ctx.pooled_bn = None, False
-            if batch_graph is not None:
-                batch = tuple(t.detach() for t in batch_graph)
-                if not any(t.requires_grad for t in batch_graph):
-                    batch_graph = None
-                elif _is_default_batch_stats(batch_graph):
-                    batch_graph, ctx.pooled_bn = None, True
-        # mmsn._C does the whole layer unless batch_stats_fn has a gradient
-        # of its own (SyncSN)
-        ctx.compiled = (batch_graph is None
-                        and _row_kernels(xf) == 'compiled')
-        if ctx.compiled:
+        ctx.compiled = _row_kernels(xf) == 'compiled'
+        batch_graph = leaves = None
+        ctx.pooled_bn = False
+        if ctx.compiled and not callable(batch_stats_fn):
+            # fixed BN statistics: mmsn._C does the forward in one sweep
+            batch = _fixed_stats(batch_stats_fn, dtype)
             ctx.small = (batch, _param(weight, dtype), mean_weight.detach(),
                          var_weight.detach())
-            y = _COMPILED.sn_affine(xf, mean_in, var_in, ctx.small[1],
-                                    _param(bias, dtype), *ctx.small[2:],
-                                    *(batch or (None, None)), eps)
+            y, mean_in, var_in = _COMPILED.sn_forward_fixed(
+                xf, ctx.small[1], _param(bias, dtype), *ctx.small[2:],
+                *(batch or (None, None)), eps, correction)
         else:
-            with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
-                w, u = _probs(mean_weight, var_weight, dtype)
-                ln = layer_stats_from_instance(mean_in, var_in)
-                weight_, bias_ = _param(weight, dtype), _param(bias, dtype)
-                _, _, scale, shift = _small_forward(mean_in, var_in, weight_,
-                                                    bias_, w, u, ln, batch,
-                                                    eps)
-            y = _rows_affine(xf, scratch, mean_in, scale, shift)
-            # small: (K,), (N, 1), (C,)
-            ctx.small = (w, u, ln, batch, weight_, bias_)
+            mean_in, var_in, scratch = _instance_moments(xf, correction)
+            batch, batch_graph, leaves = _differentiable_batch_stats(
+                ctx, batch_stats_fn, mean_in, var_in)
+            # mmsn._C does the whole layer unless the batch statistics have a
+            # gradient of their own (SyncSN)
+            ctx.compiled = ctx.compiled and batch_graph is None
+            if ctx.compiled:
+                ctx.small = (batch, _param(weight, dtype),
+                             mean_weight.detach(), var_weight.detach())
+                y = _COMPILED.sn_affine(xf, mean_in, var_in, ctx.small[1],
+                                        _param(bias, dtype), *ctx.small[2:],
+                                        *(batch or (None, None)), eps)
+            else:
+                with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
+                    w, u = _probs(mean_weight, var_weight, dtype)
+                    ln = layer_stats_from_instance(mean_in, var_in)
+                    weight_, bias_ = _param(weight, dtype), _param(bias, dtype)
+                    _, _, scale, shift = _small_forward(
+                        mean_in, var_in, weight_, bias_, w, u, ln, batch, eps)
+                y = _rows_affine(xf, scratch, mean_in, scale, shift)
+                # small: (K,), (N, 1), (C,)
+                ctx.small = (w, u, ln, batch, weight_, bias_)
         y = y.to(x.dtype)
 
         ctx.save_for_backward(x, mean_in, var_in)
@@ -572,12 +612,20 @@ def _softmax_grad(probs, grad_mixed, row_sums, col_sums, stat_in, stat_ln,
 def _fast_forward_no_grad(x3, weight, bias, mean_weight, var_weight,
                           batch_stats_fn, eps, correction):
     xf = x3.float() if x3.dtype in _LOW_PRECISION else x3
-    mean_in, var_in, scratch = _instance_moments(xf, correction)
     dtype = xf.dtype
-    with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
-        batch = batch_stats_fn(mean_in, var_in)
     weight, bias = _param(weight, dtype), _param(bias, dtype)
-    if _row_kernels(xf) == 'compiled':
+    compiled = _row_kernels(xf) == 'compiled'
+    if compiled and not callable(batch_stats_fn):
+        batch = _fixed_stats(batch_stats_fn, dtype)
+        y = _COMPILED.sn_forward_fixed(xf, weight, bias, mean_weight.detach(),
+                                       var_weight.detach(),
+                                       *(batch or (None, None)), eps,
+                                       correction)[0]
+        return y.to(x3.dtype)
+    mean_in, var_in, scratch = _instance_moments(xf, correction)
+    with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
+        batch = _batch_stats_of(batch_stats_fn, mean_in, var_in)
+    if compiled:
         y = _COMPILED.sn_affine(xf, mean_in, var_in, weight, bias,
                                 mean_weight.detach(), var_weight.detach(),
                                 *(batch or (None, None)), eps)
@@ -590,6 +638,18 @@ def _fast_forward_no_grad(x3, weight, bias, mean_weight, var_weight,
     return _rows_affine(xf, scratch, mean_in, scale, shift).to(x3.dtype)
 
 
+def _check_fixed_stats(batch_stats, channels: int) -> None:
+    if not (isinstance(batch_stats, (tuple, list)) and len(batch_stats) == 2
+            and all(isinstance(t, Tensor) for t in batch_stats)):
+        raise TypeError(
+            'batch_stats_fn must be a callable, a (mean, var) pair of '
+            f'tensors or None, got {type(batch_stats).__name__}')
+    shapes = [tuple(t.shape) for t in batch_stats]
+    if any(shape != (channels, ) for shape in shapes):
+        raise ValueError(f'fixed BN statistics must have shape ({channels},) '
+                         f'for {channels} channels, got {shapes}')
+
+
 def _needs_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
@@ -600,7 +660,7 @@ def switchable_norm(x: Tensor,
                     bias: Optional[Tensor],
                     mean_weight: Tensor,
                     var_weight: Tensor,
-                    batch_stats_fn: BatchStatsFn,
+                    batch_stats_fn: BatchStats,
                     eps: float = 1e-5,
                     unbiased: bool = True) -> Tensor:
     """Switchable Normalization of ``x`` with shape (N, C, *spatial).
@@ -612,9 +672,13 @@ def switchable_norm(x: Tensor,
         bias (Tensor, optional): Per-channel beta.
         mean_weight (Tensor): Importance logits for the means, [IN, LN(, BN)].
         var_weight (Tensor): Importance logits for the variances.
-        batch_stats_fn (callable): Maps (mean_in, var_in) to the BN
-            statistics to mix (batch statistics in training, running ones in
-            eval), or None when there is no BN branch. Called exactly once.
+        batch_stats_fn (callable | tuple | None): The BN statistics to mix:
+            a function mapping (mean_in, var_in) of shape (N, C) to
+            (mean, var) of shape (C,), called exactly once (batch statistics
+            in training); or fixed (mean, var) of shape (C,) (running
+            statistics in eval), which lets the CPU kernels normalize each
+            sample while it is in cache; or None when there is no BN
+            branch.
         eps (float): Added to the variance. Defaults to 1e-5.
         unbiased (bool): Unbiased IN variance as in the authors' code;
             False gives the paper's biased estimate. Defaults to True.
@@ -624,6 +688,8 @@ def switchable_norm(x: Tensor,
         Statistics are computed in float32 (or float64 for float64 input).
     """
     n, c = x.shape[:2]
+    if not (batch_stats_fn is None or callable(batch_stats_fn)):
+        _check_fixed_stats(batch_stats_fn, c)
     in_dtype = x.dtype
     # contiguous (N, C, L); a channels_last input is copied once here
     x3 = x.reshape(n, c, -1).contiguous()
@@ -648,5 +714,5 @@ def switchable_norm(x: Tensor,
 __all__ = [
     'switchable_norm', 'mix_statistics', 'batch_stats_from_instance',
     'layer_stats_from_instance', 'in_var_correction', 'BatchStatsFn',
-    'compiled_kernels_available'
+    'BatchStats', 'compiled_kernels_available'
 ]

@@ -126,12 +126,17 @@ class _SwitchableNorm(_BatchNorm):
         """
         return batch_stats_from_instance(mean_in, var_in)
 
-    def _batch_stats(self, mean_in: Tensor, var_in: Tensor):
+    def _batch_stats(self):
+        """What the functional core mixes in as BN statistics: this batch's
+        (a function of the IN ones) in training, the running ones in eval.
+        """
         if not self.using_bn:
             return None
         if not self.training:
-            return (self.running_mean.to(mean_in.dtype),
-                    self.running_var.to(mean_in.dtype))
+            return self.running_mean, self.running_var
+        return self._train_batch_stats
+
+    def _train_batch_stats(self, mean_in: Tensor, var_in: Tensor):
         mean_bn, var_bn = self._reduce_batch_stats(mean_in, var_in)
         self._update_running_stats(mean_bn.detach(), var_bn.detach())
         return mean_bn, var_bn
@@ -174,7 +179,7 @@ class _SwitchableNorm(_BatchNorm):
             return x * 0 if not self.affine else \
                 x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
         return switchable_norm(x, self.weight, self.bias, self.mean_weight,
-                               self.var_weight, self._batch_stats, self.eps,
+                               self.var_weight, self._batch_stats(), self.eps,
                                self.unbiased)
 
     def extra_repr(self) -> str:

@@ -286,7 +286,8 @@ struct Mixing {
          const std::optional<at::Tensor>& weight,
          const at::Tensor& mean_weight, const at::Tensor& var_weight,
          const std::optional<at::Tensor>& batch_mean,
-         const std::optional<at::Tensor>& batch_var, double eps_)
+         const std::optional<at::Tensor>& batch_var, double eps_,
+         bool layer_stats_now = true)
       : n(mean_in_.size(0)),
         c(mean_in_.size(1)),
         mean_in(mean_in_.const_data_ptr<T>()),
@@ -315,22 +316,27 @@ struct Mixing {
       TORCH_CHECK(static_cast<int64_t>(gamma.size()) == c,
                   "mmsn: weight must have C = ", c, " elements");
     }
-    // LN: mean of the means; mean of var_in + (mean_in - mean)^2, which has
-    // no cancellation (see layer_stats_from_instance)
-    for (int64_t i = 0; i < n; ++i) {
-      const T* m = mean_in + i * c;
-      const T* v = var_in + i * c;
-      double s = 0;
-      for (int64_t j = 0; j < c; ++j) s += m[j];
-      const double mu = s / c;
-      double q = 0;
-      for (int64_t j = 0; j < c; ++j) {
-        const double d = m[j] - mu;
-        q += v[j] + d * d;
-      }
-      ln_mean[i] = mu;
-      ln_var[i] = q / c;
+    if (layer_stats_now) {
+      for (int64_t i = 0; i < n; ++i) layer_stats(i);
     }
+  }
+
+  // LN statistics of sample i: mean of the means; mean of var_in +
+  // (mean_in - mean)^2, which has no cancellation (see
+  // layer_stats_from_instance).
+  void layer_stats(int64_t i) {
+    const T* m = mean_in + i * c;
+    const T* v = var_in + i * c;
+    double s = 0;
+    for (int64_t j = 0; j < c; ++j) s += m[j];
+    const double mu = s / c;
+    double q = 0;
+    for (int64_t j = 0; j < c; ++j) {
+      const double d = m[j] - mu;
+      q += v[j] + d * d;
+    }
+    ln_mean[i] = mu;
+    ln_var[i] = q / c;
   }
 
   bool has_bn() const { return !bn_mean.empty(); }
@@ -383,6 +389,73 @@ at::Tensor sn_affine(const at::Tensor& x, const at::Tensor& mean_in,
     });
   });
   return y;
+}
+
+// Forward when the BN statistics do not depend on this batch (running
+// statistics in eval, or no BN branch): sample by sample, the moments, the
+// LN statistics and the output, so that the second read of a sample comes
+// from cache. Returns y and the IN moments (kept for backward).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sn_forward_fixed(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean_weight,
+    const at::Tensor& var_weight, const std::optional<at::Tensor>& batch_mean,
+    const std::optional<at::Tensor>& batch_var, double eps,
+    int64_t correction) {
+  check_rows(x, "sn_forward_fixed");
+  const int64_t n = x.size(0), c = x.size(1), length = x.size(2);
+  TORCH_CHECK(length > correction, "mmsn::sn_forward_fixed: ", length,
+              " positions leave no degrees of freedom for correction ",
+              correction);
+  std::vector<double> beta;
+  if (bias.has_value()) beta = as_doubles(*bias);
+  TORCH_CHECK(beta.empty() || static_cast<int64_t>(beta.size()) == c,
+              "mmsn: bias must have C = ", c, " elements");
+  at::Tensor mean = at::empty({n, c}, x.options());
+  at::Tensor var = at::empty_like(mean);
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_sn_forward_fixed", [&] {
+    Mixing<scalar_t> mix(mean, var, weight, mean_weight, var_weight,
+                         batch_mean, batch_var, eps,
+                         /*layer_stats_now=*/false);
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* pm = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* pv = var.mutable_data_ptr<scalar_t>();
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    const double dof = static_cast<double>(length - correction);
+    const int64_t grain = row_grain(length);
+    // rows of one sample in parallel (runs inline inside the parallel loop
+    // over samples below)
+    auto sample = [&](int64_t i) {
+      at::parallel_for(i * c, (i + 1) * c, grain, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          double m, m2;
+          row_moments(px + r * length, length, &m, &m2);
+          pm[r] = static_cast<scalar_t>(m);
+          pv[r] = static_cast<scalar_t>(m2 / dof);
+        }
+      });
+      mix.layer_stats(i);
+      at::parallel_for(i * c, (i + 1) * c, grain, [&](int64_t b, int64_t e) {
+        for (int64_t r = b, j = b - i * c; r < e; ++r, ++j) {
+          const double scale = mix.g(j) * mix.rstd(i, j);
+          const double shift =
+              (mix.mean_in[r] - mix.mixed_mean(i, j)) * scale +
+              (beta.empty() ? 0.0 : beta[j]);
+          row_affine(px + r * length, py + r * length, length, pm[r],
+                     static_cast<scalar_t>(scale),
+                     static_cast<scalar_t>(shift));
+        }
+      });
+    };
+    if (n >= at::get_num_threads()) {
+      at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) sample(i);
+      });
+    } else {
+      for (int64_t i = 0; i < n; ++i) sample(i);
+    }
+  });
+  return {y, mean, var};
 }
 
 // Gradient of the importance logits from the gradients of the shares.
@@ -558,6 +631,10 @@ TORCH_LIBRARY(mmsn, m) {
   m.def("sn_affine(Tensor x, Tensor mean_in, Tensor var_in, Tensor? weight, "
         "Tensor? bias, Tensor mean_weight, Tensor var_weight, "
         "Tensor? batch_mean, Tensor? batch_var, float eps) -> Tensor");
+  m.def("sn_forward_fixed(Tensor x, Tensor? weight, Tensor? bias, "
+        "Tensor mean_weight, Tensor var_weight, Tensor? batch_mean, "
+        "Tensor? batch_var, float eps, int correction) -> "
+        "(Tensor, Tensor, Tensor)");
   m.def("sn_backward(Tensor dy, Tensor x, Tensor mean_in, Tensor var_in, "
         "Tensor? weight, Tensor mean_weight, Tensor var_weight, "
         "Tensor? batch_mean, Tensor? batch_var, bool pooled_bn, float eps, "
@@ -571,6 +648,7 @@ TORCH_LIBRARY_IMPL(mmsn, CPU, m) {
   m.impl("rows_grad_sums", &rows_grad_sums);
   m.impl("rows_grad_input", &rows_grad_input);
   m.impl("sn_affine", &sn_affine);
+  m.impl("sn_forward_fixed", &sn_forward_fixed);
   m.impl("sn_backward", &sn_backward);
 }
 
