@@ -12,8 +12,9 @@ columns alike:
 2. a whole ResNet-50 (mmpretrain, norm_cfg BN vs SN, batch 8, 224x224):
    training step (forward, loss, backward, SGD step) and eval forward;
 3. on the CPU with mmsn._C built, where SN's time goes: each compiled pass
-   against BN's and GN's forward and backward kernels, with the bandwidth
-   each pass reaches over the bytes it must move.
+   (and the one-sweep forward used with running statistics) against BN's
+   and GN's kernels, with the bandwidth each pass reaches over the bytes it
+   must move.
 
 Usage::
 
@@ -316,8 +317,8 @@ def bench_passes(args, timer):
           '(ms; GB/s over the bytes each pass must move)\n')
     print('| shape | SN moments (1 read) | SN affine (1 read, 1 write) | '
           'SN backward (4 reads, 1 write) | BN fwd | BN bwd | GN fwd | '
-          'GN bwd |')
-    print('|---|---|---|---|---|---|---|---|')
+          'GN bwd | SN eval sweep (1 read, 1 write) | BN eval |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
     for n, c, hw in QUICK_SHAPES:
         torch.manual_seed(0)
         x4 = torch.randn(n, c, hw, hw, requires_grad=True)
@@ -327,6 +328,7 @@ def bench_passes(args, timer):
         mean_bn, var_bn = mean.mean(0), var.mean(0)
         logits, ones = torch.zeros(3), torch.ones(c)
         bn, gn = nn.BatchNorm2d(c), nn.GroupNorm(32, c)
+        bn_eval = nn.BatchNorm2d(c).eval()
         y_bn, y_gn = bn(x4), gn(x4)
 
         def grad_of(y):
@@ -344,6 +346,11 @@ def bench_passes(args, timer):
             'bn_bwd': grad_of(y_bn),
             'gn_fwd': lambda: gn(x4),
             'gn_bwd': grad_of(y_gn),
+            # running statistics: the one-sweep forward
+            'sweep': lambda: ops.sn_forward_fixed(x, ones, ones, logits,
+                                                  logits, mean_bn, var_bn,
+                                                  1e-5, 1),
+            'bn_eval': lambda: bn_eval(x4.detach()),
         }, args.reps, timer)
         size = x.numel() * x.element_size()
 
@@ -353,7 +360,8 @@ def bench_passes(args, timer):
         print(f'| {n}, {c}, {hw}, {hw} | {sn("moments", 1)} | '
               f'{sn("affine", 2)} | {sn("backward", 5)} | ' + ' | '.join(
                   f'{med[k] * 1e3:.3g}'
-                  for k in ('bn_fwd', 'bn_bwd', 'gn_fwd', 'gn_bwd')) + ' |')
+                  for k in ('bn_fwd', 'bn_bwd', 'gn_fwd', 'gn_bwd')) +
+              f' | {sn("sweep", 2)} | {med["bn_eval"] * 1e3:.3g} |')
 
 
 class _Head(nn.Module):
