@@ -91,6 +91,19 @@ int64_t row_grain(int64_t length) {
 MMSN_ROW_KERNELS(float)
 MMSN_ROW_KERNELS(double)
 
+// IN mean and variance of rows [b, e).
+template <typename T>
+void moments_of_rows(const T* x, T* mean, T* var, int64_t b, int64_t e,
+                     int64_t length, int64_t correction) {
+  const double dof = static_cast<double>(length - correction);
+  for (int64_t r = b; r < e; ++r) {
+    double m, m2;
+    row_moments(x + r * length, length, &m, &m2);
+    mean[r] = static_cast<T>(m);
+    var[r] = static_cast<T>(m2 / dof);
+  }
+}
+
 void check_rows(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), "mmsn::", name, ": expected a CPU tensor");
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "mmsn::", name,
@@ -128,14 +141,8 @@ std::tuple<at::Tensor, at::Tensor> instance_moments(const at::Tensor& x,
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* pm = mean.mutable_data_ptr<scalar_t>();
     scalar_t* pv = var.mutable_data_ptr<scalar_t>();
-    const double dof = static_cast<double>(length - correction);
     at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        double m, m2;
-        row_moments(px + r * length, length, &m, &m2);
-        pm[r] = static_cast<scalar_t>(m);
-        pv[r] = static_cast<scalar_t>(m2 / dof);
-      }
+      moments_of_rows(px, pm, pv, b, e, length, correction);
     });
   });
   return {mean, var};
@@ -353,6 +360,22 @@ struct Mixing {
   }
 };
 
+// y = (x - mean_in) * scale + shift for rows [b, e), with the per-row scale
+// and shift of the mixed statistics.
+template <typename T>
+void normalize_rows(const Mixing<T>& mix, const std::vector<double>& beta,
+                    const T* x, T* y, int64_t b, int64_t e, int64_t length) {
+  const int64_t c = mix.c;
+  for (int64_t r = b, i = b / c, j = b % c; r < e; ++r, ++j) {
+    if (j == c) j = 0, ++i;  // (i, j) = divmod(r, c), without dividing
+    const double scale = mix.g(j) * mix.rstd(i, j);
+    const double shift = (mix.mean_in[r] - mix.mixed_mean(i, j)) * scale +
+                         (beta.empty() ? 0.0 : beta[j]);
+    row_affine(x + r * length, y + r * length, length, mix.mean_in[r],
+               static_cast<T>(scale), static_cast<T>(shift));
+  }
+}
+
 at::Tensor sn_affine(const at::Tensor& x, const at::Tensor& mean_in,
                      const at::Tensor& var_in,
                      const std::optional<at::Tensor>& weight,
@@ -377,15 +400,7 @@ at::Tensor sn_affine(const at::Tensor& x, const at::Tensor& mean_in,
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
-      for (int64_t r = b, i = b / c, j = b % c; r < e; ++r, ++j) {
-        if (j == c) j = 0, ++i;  // (i, j) = divmod(r, c), without dividing
-        const double scale = mix.g(j) * mix.rstd(i, j);
-        // y = (x - mean_in) * scale + shift
-        const double shift = (mix.mean_in[r] - mix.mixed_mean(i, j)) * scale +
-                             (beta.empty() ? 0.0 : beta[j]);
-        row_affine(px + r * length, py + r * length, length, mix.mean_in[r],
-                   static_cast<scalar_t>(scale), static_cast<scalar_t>(shift));
-      }
+      normalize_rows(mix, beta, px, py, b, e, length);
     });
   });
   return y;
@@ -421,30 +436,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sn_forward_fixed(
     scalar_t* pm = mean.mutable_data_ptr<scalar_t>();
     scalar_t* pv = var.mutable_data_ptr<scalar_t>();
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
-    const double dof = static_cast<double>(length - correction);
     const int64_t grain = row_grain(length);
     // rows of one sample in parallel (runs inline inside the parallel loop
     // over samples below)
     auto sample = [&](int64_t i) {
       at::parallel_for(i * c, (i + 1) * c, grain, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          double m, m2;
-          row_moments(px + r * length, length, &m, &m2);
-          pm[r] = static_cast<scalar_t>(m);
-          pv[r] = static_cast<scalar_t>(m2 / dof);
-        }
+        moments_of_rows(px, pm, pv, b, e, length, correction);
       });
       mix.layer_stats(i);
       at::parallel_for(i * c, (i + 1) * c, grain, [&](int64_t b, int64_t e) {
-        for (int64_t r = b, j = b - i * c; r < e; ++r, ++j) {
-          const double scale = mix.g(j) * mix.rstd(i, j);
-          const double shift =
-              (mix.mean_in[r] - mix.mixed_mean(i, j)) * scale +
-              (beta.empty() ? 0.0 : beta[j]);
-          row_affine(px + r * length, py + r * length, length, pm[r],
-                     static_cast<scalar_t>(scale),
-                     static_cast<scalar_t>(shift));
-        }
+        normalize_rows(mix, beta, px, py, b, e, length);
       });
     };
     if (n >= at::get_num_threads()) {
