@@ -393,6 +393,19 @@ def _param(t, dtype):
     return None if t is None else t.detach().to(dtype)
 
 
+def _compiled_output(xf, moments, weight, bias, mean_weight, var_weight,
+                     batch, eps, correction):
+    """(y, mean_in, var_in) from mmsn._C: the one-sweep forward when the BN
+    statistics are fixed (``moments`` None), else the output pass after the
+    given IN moments."""
+    args = (_param(weight, xf.dtype), _param(bias, xf.dtype),
+            mean_weight.detach(), var_weight.detach(),
+            *(batch or (None, None)), eps)
+    if moments is None:
+        return _COMPILED.sn_forward_fixed(xf, *args, correction)
+    return (_COMPILED.sn_affine(xf, *moments, *args), *moments)
+
+
 def _differentiable_batch_stats(ctx, batch_stats_fn, mean_in, var_in):
     """The BN statistics, detached, and what backward needs of their
     gradient: (batch, batch_graph, leaves).
@@ -441,13 +454,10 @@ class _FusedSwitchableNorm(torch.autograd.Function):
         batch_graph = leaves = None
         ctx.pooled_bn = False
         if ctx.compiled and not callable(batch_stats_fn):
-            # fixed BN statistics: mmsn._C does the forward in one sweep
             batch = _fixed_stats(batch_stats_fn, dtype)
-            ctx.small = (batch, _param(weight, dtype), mean_weight.detach(),
-                         var_weight.detach())
-            y, mean_in, var_in = _COMPILED.sn_forward_fixed(
-                xf, ctx.small[1], _param(bias, dtype), *ctx.small[2:],
-                *(batch or (None, None)), eps, correction)
+            y, mean_in, var_in = _compiled_output(
+                xf, None, weight, bias, mean_weight, var_weight, batch, eps,
+                correction)
         else:
             mean_in, var_in, scratch = _instance_moments(xf, correction)
             batch, batch_graph, leaves = _differentiable_batch_stats(
@@ -456,11 +466,9 @@ class _FusedSwitchableNorm(torch.autograd.Function):
             # gradient of their own (SyncSN)
             ctx.compiled = ctx.compiled and batch_graph is None
             if ctx.compiled:
-                ctx.small = (batch, _param(weight, dtype),
-                             mean_weight.detach(), var_weight.detach())
-                y = _COMPILED.sn_affine(xf, mean_in, var_in, ctx.small[1],
-                                        _param(bias, dtype), *ctx.small[2:],
-                                        *(batch or (None, None)), eps)
+                y = _compiled_output(xf, (mean_in, var_in), weight, bias,
+                                     mean_weight, var_weight, batch, eps,
+                                     correction)[0]
             else:
                 with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
                     w, u = _probs(mean_weight, var_weight, dtype)
@@ -471,6 +479,9 @@ class _FusedSwitchableNorm(torch.autograd.Function):
                 y = _rows_affine(xf, scratch, mean_in, scale, shift)
                 # small: (K,), (N, 1), (C,)
                 ctx.small = (w, u, ln, batch, weight_, bias_)
+        if ctx.compiled:
+            ctx.small = (batch, _param(weight, dtype), mean_weight.detach(),
+                         var_weight.detach())
         y = y.to(x.dtype)
 
         ctx.save_for_backward(x, mean_in, var_in)
@@ -613,28 +624,26 @@ def _fast_forward_no_grad(x3, weight, bias, mean_weight, var_weight,
                           batch_stats_fn, eps, correction):
     xf = x3.float() if x3.dtype in _LOW_PRECISION else x3
     dtype = xf.dtype
-    weight, bias = _param(weight, dtype), _param(bias, dtype)
     compiled = _row_kernels(xf) == 'compiled'
     if compiled and not callable(batch_stats_fn):
         batch = _fixed_stats(batch_stats_fn, dtype)
-        y = _COMPILED.sn_forward_fixed(xf, weight, bias, mean_weight.detach(),
-                                       var_weight.detach(),
-                                       *(batch or (None, None)), eps,
-                                       correction)[0]
-        return y.to(x3.dtype)
+        return _compiled_output(xf, None, weight, bias, mean_weight,
+                                var_weight, batch, eps,
+                                correction)[0].to(x3.dtype)
     mean_in, var_in, scratch = _instance_moments(xf, correction)
     with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
         batch = _batch_stats_of(batch_stats_fn, mean_in, var_in)
     if compiled:
-        y = _COMPILED.sn_affine(xf, mean_in, var_in, weight, bias,
-                                mean_weight.detach(), var_weight.detach(),
-                                *(batch or (None, None)), eps)
-        return y.to(x3.dtype)
+        return _compiled_output(xf, (mean_in, var_in), weight, bias,
+                                mean_weight, var_weight, batch, eps,
+                                correction)[0].to(x3.dtype)
     with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
         w, u = _probs(mean_weight, var_weight, dtype)
         ln = layer_stats_from_instance(mean_in, var_in)
-        _, _, scale, shift = _small_forward(mean_in, var_in, weight, bias, w,
-                                            u, ln, batch, eps)
+        _, _, scale, shift = _small_forward(mean_in, var_in,
+                                            _param(weight, dtype),
+                                            _param(bias, dtype), w, u, ln,
+                                            batch, eps)
     return _rows_affine(xf, scratch, mean_in, scale, shift).to(x3.dtype)
 
 

@@ -275,6 +275,17 @@ at::Tensor from_doubles(const std::vector<double>& v, at::IntArrayRef sizes,
   return out;
 }
 
+// An optional per-channel tensor (gamma, beta, BN statistics) as doubles,
+// empty when absent.
+std::vector<double> per_channel(const std::optional<at::Tensor>& t,
+                                int64_t c, const char* name) {
+  if (!t.has_value()) return {};
+  std::vector<double> out = as_doubles(*t);
+  TORCH_CHECK(static_cast<int64_t>(out.size()) == c, "mmsn: ", name,
+              " must have C = ", c, " elements");
+  return out;
+}
+
 // Statistics and shares of one call. Per-(n, c) values are read in place
 // and per-row coefficients computed inside the parallel passes: scratch
 // arrays of N * C doubles would cost more (page faults) than the math.
@@ -311,18 +322,9 @@ struct Mixing {
                 "mmsn: expected ", branches,
                 " importance logits for the means and the variances, got ",
                 w.size(), " and ", u.size());
-    if (batch_mean.has_value()) {
-      bn_mean = as_doubles(*batch_mean);
-      bn_var = as_doubles(*batch_var);
-      TORCH_CHECK(static_cast<int64_t>(bn_mean.size()) == c &&
-                      static_cast<int64_t>(bn_var.size()) == c,
-                  "mmsn: batch statistics must have C = ", c, " elements");
-    }
-    if (weight.has_value()) {
-      gamma = as_doubles(*weight);
-      TORCH_CHECK(static_cast<int64_t>(gamma.size()) == c,
-                  "mmsn: weight must have C = ", c, " elements");
-    }
+    bn_mean = per_channel(batch_mean, c, "batch statistics");
+    bn_var = per_channel(batch_var, c, "batch statistics");
+    gamma = per_channel(weight, c, "weight");
     if (layer_stats_now) {
       for (int64_t i = 0; i < n; ++i) layer_stats(i);
     }
@@ -389,10 +391,7 @@ at::Tensor sn_affine(const at::Tensor& x, const at::Tensor& mean_in,
   check_per_row(x, mean_in, "sn_affine");
   check_per_row(x, var_in, "sn_affine");
   const int64_t c = x.size(1), rows = x.size(0) * c, length = x.size(2);
-  std::vector<double> beta;
-  if (bias.has_value()) beta = as_doubles(*bias);
-  TORCH_CHECK(beta.empty() || static_cast<int64_t>(beta.size()) == c,
-              "mmsn: bias must have C = ", c, " elements");
+  const std::vector<double> beta = per_channel(bias, c, "bias");
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_sn_affine", [&] {
     const Mixing<scalar_t> mix(mean_in, var_in, weight, mean_weight,
@@ -421,10 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sn_forward_fixed(
   TORCH_CHECK(length > correction, "mmsn::sn_forward_fixed: ", length,
               " positions leave no degrees of freedom for correction ",
               correction);
-  std::vector<double> beta;
-  if (bias.has_value()) beta = as_doubles(*bias);
-  TORCH_CHECK(beta.empty() || static_cast<int64_t>(beta.size()) == c,
-              "mmsn: bias must have C = ", c, " elements");
+  const std::vector<double> beta = per_channel(bias, c, "bias");
   at::Tensor mean = at::empty({n, c}, x.options());
   at::Tensor var = at::empty_like(mean);
   at::Tensor y = at::empty_like(x);
