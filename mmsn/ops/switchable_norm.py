@@ -8,7 +8,11 @@ math lives in one place:
 * LN and BN statistics derived from the IN ones (mean of means, mean of
   ``var_in + (mean_in - mean)^2``, which equals the authors' mean of second
   moments minus the squared mean without its float32 cancellation);
-* ``mean = sum_k softmax(mean_weight)_k * mean_k``, likewise for the variance.
+* ``mean = sum_k w_k * mean_k``, likewise for the variance, with importance
+  shares ``w`` on the simplex: ``softmax(mean_weight)`` for SN
+  (:func:`switchable_norm`); other maps (SSN's SparsestMax) call
+  :func:`mixed_norm` with their shares, whose gradient the fast path returns
+  in closed form (autograd takes it through the map).
 
 Two execution paths give the same numbers:
 
@@ -17,7 +21,7 @@ Two execution paths give the same numbers:
   numbers per (n, c)) and touches the big tensor in two passes forward and
   two backward, with the compiled kernels of ``mmsn._C`` on the CPU (or
   PyTorch's native ones when they are not built). The small per-(n, c)
-  algebra in between (mixing, LN pooling, softmax) is differentiated in
+  algebra in between (mixing, LN pooling) is differentiated in
   closed form; only ``batch_stats_fn`` (which may all-reduce) is
   differentiated by autograd.
 * the composite path (plain autograd), used under ``torch.compile`` (where
@@ -33,6 +37,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from ._extension import load_compiled_ops
 
 # Given (mean_in, var_in) of shape (N, C), returns (mean_bn, var_bn) of shape
 # (C,), or None when the layer has no BN branch.
@@ -148,9 +154,19 @@ def mix_statistics(mean_in: Tensor, var_in: Tensor, mean_weight: Tensor,
                    ) -> Tuple[Tensor, Tensor]:
     """Softmax-weighted mean and variance of shape (N, C), order [IN, LN, BN].
     """
-    w = torch.softmax(mean_weight.to(mean_in.dtype), 0).unbind()
-    v = torch.softmax(var_weight.to(mean_in.dtype), 0).unbind()
-    return _mix(mean_in, var_in, w, v,
+    return mix_with_shares(mean_in, var_in,
+                           torch.softmax(mean_weight.to(mean_in.dtype), 0),
+                           torch.softmax(var_weight.to(mean_in.dtype), 0),
+                           batch_stats)
+
+
+def mix_with_shares(mean_in: Tensor, var_in: Tensor, mean_share: Tensor,
+                    var_share: Tensor,
+                    batch_stats: Optional[Tuple[Tensor, Tensor]],
+                    ) -> Tuple[Tensor, Tensor]:
+    """Mean and variance of shape (N, C) mixed with the given importance
+    shares, order [IN, LN, BN]."""
+    return _mix(mean_in, var_in, mean_share.unbind(), var_share.unbind(),
                 layer_stats_from_instance(mean_in, var_in), batch_stats, 0.0)
 
 
@@ -158,8 +174,8 @@ def mix_statistics(mean_in: Tensor, var_in: Tensor, mean_weight: Tensor,
 # Composite path (plain autograd)
 # ---------------------------------------------------------------------------
 def _scale_shift(mean_in: Tensor, var_in: Tensor, weight: Optional[Tensor],
-                 bias: Optional[Tensor], mean_weight: Tensor,
-                 var_weight: Tensor, batch_stats_fn: BatchStats,
+                 bias: Optional[Tensor], mean_share: Tensor,
+                 var_share: Tensor, batch_stats_fn: BatchStats,
                  eps: float) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) affine map so that ``y = (x - mean_in) * scale + shift``.
 
@@ -167,9 +183,10 @@ def _scale_shift(mean_in: Tensor, var_in: Tensor, weight: Optional[Tensor],
     free of the cancellation that ``sum(dy * x)`` suffers for inputs with a
     large mean.
     """
-    mean, var = mix_statistics(mean_in, var_in, mean_weight, var_weight,
-                               _batch_stats_of(batch_stats_fn, mean_in,
-                                               var_in))
+    mean, var = mix_with_shares(mean_in, var_in, mean_share.to(mean_in.dtype),
+                                var_share.to(mean_in.dtype),
+                                _batch_stats_of(batch_stats_fn, mean_in,
+                                                var_in))
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(scale.dtype)
@@ -179,11 +196,11 @@ def _scale_shift(mean_in: Tensor, var_in: Tensor, weight: Optional[Tensor],
     return scale, shift
 
 
-def _composite(x3: Tensor, weight, bias, mean_weight, var_weight,
+def _composite(x3: Tensor, weight, bias, mean_share, var_share,
                batch_stats_fn, eps, correction) -> Tensor:
     var_in, mean_in = torch.var_mean(x3, dim=2, correction=correction)
-    scale, shift = _scale_shift(mean_in, var_in, weight, bias, mean_weight,
-                                var_weight, batch_stats_fn, eps)
+    scale, shift = _scale_shift(mean_in, var_in, weight, bias, mean_share,
+                                var_share, batch_stats_fn, eps)
     return torch.addcmul(
         shift.unsqueeze(-1), x3 - mean_in.unsqueeze(-1), scale.unsqueeze(-1))
 
@@ -198,16 +215,7 @@ def _composite(x3: Tensor, weight, bias, mean_weight, var_weight,
 #   var_mean / broadcasting addcmul on the CPU, but more passes);
 # * 'generic': device-agnostic ops (var_mean is a fast single pass on GPUs).
 # ---------------------------------------------------------------------------
-def _load_compiled_kernels():
-    try:
-        from mmsn import _C  # noqa: F401  (registers torch.ops.mmsn)
-    except ImportError as err:
-        # not built, or built against another torch
-        return None, f'{type(err).__name__}: {err}'
-    return torch.ops.mmsn, None
-
-
-_COMPILED, _COMPILED_ERROR = _load_compiled_kernels()
+_COMPILED, _COMPILED_ERROR = load_compiled_ops()
 _warned_native = False
 
 
@@ -378,9 +386,9 @@ def _small_forward(mean_in, var_in, weight, bias, w, u, ln, batch, eps):
     return mean, rstd, scale, shift
 
 
-def _probs(mean_weight, var_weight, dtype):
-    return (torch.softmax(mean_weight.detach().to(dtype), 0).unbind(),
-            torch.softmax(var_weight.detach().to(dtype), 0).unbind())
+def _probs(mean_share, var_share, dtype):
+    return (mean_share.detach().to(dtype).unbind(),
+            var_share.detach().to(dtype).unbind())
 
 
 def _is_default_batch_stats(batch_graph) -> bool:
@@ -393,13 +401,13 @@ def _param(t, dtype):
     return None if t is None else t.detach().to(dtype)
 
 
-def _compiled_output(xf, moments, weight, bias, mean_weight, var_weight,
+def _compiled_output(xf, moments, weight, bias, mean_share, var_share,
                      batch, eps, correction):
     """(y, mean_in, var_in) from mmsn._C: the one-sweep forward when the BN
     statistics are fixed (``moments`` None), else the output pass after the
     given IN moments."""
     args = (_param(weight, xf.dtype), _param(bias, xf.dtype),
-            mean_weight.detach(), var_weight.detach(),
+            mean_share.detach(), var_share.detach(),
             *(batch or (None, None)), eps)
     if moments is None:
         return _COMPILED.sn_forward_fixed(xf, *args, correction)
@@ -446,7 +454,7 @@ class _FusedSwitchableNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean_weight, var_weight, batch_stats_fn,
+    def forward(ctx, x, weight, bias, mean_share, var_share, batch_stats_fn,
                 eps, correction):
         xf = x.float() if x.dtype in _LOW_PRECISION else x
         dtype = xf.dtype
@@ -456,7 +464,7 @@ class _FusedSwitchableNorm(torch.autograd.Function):
         if ctx.compiled and not callable(batch_stats_fn):
             batch = _fixed_stats(batch_stats_fn, dtype)
             y, mean_in, var_in = _compiled_output(
-                xf, None, weight, bias, mean_weight, var_weight, batch, eps,
+                xf, None, weight, bias, mean_share, var_share, batch, eps,
                 correction)
         else:
             mean_in, var_in, scratch = _instance_moments(xf, correction)
@@ -467,11 +475,11 @@ class _FusedSwitchableNorm(torch.autograd.Function):
             ctx.compiled = ctx.compiled and batch_graph is None
             if ctx.compiled:
                 y = _compiled_output(xf, (mean_in, var_in), weight, bias,
-                                     mean_weight, var_weight, batch, eps,
+                                     mean_share, var_share, batch, eps,
                                      correction)[0]
             else:
                 with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
-                    w, u = _probs(mean_weight, var_weight, dtype)
+                    w, u = _probs(mean_share, var_share, dtype)
                     ln = layer_stats_from_instance(mean_in, var_in)
                     weight_, bias_ = _param(weight, dtype), _param(bias, dtype)
                     _, _, scale, shift = _small_forward(
@@ -480,8 +488,8 @@ class _FusedSwitchableNorm(torch.autograd.Function):
                 # small: (K,), (N, 1), (C,)
                 ctx.small = (w, u, ln, batch, weight_, bias_)
         if ctx.compiled:
-            ctx.small = (batch, _param(weight, dtype), mean_weight.detach(),
-                         var_weight.detach())
+            ctx.small = (batch, _param(weight, dtype), mean_share.detach(),
+                         var_share.detach())
         y = y.to(x.dtype)
 
         ctx.save_for_backward(x, mean_in, var_in)
@@ -490,7 +498,7 @@ class _FusedSwitchableNorm(torch.autograd.Function):
         ctx.correction = correction
         ctx.param_dtypes = [
             None if t is None else t.dtype
-            for t in (weight, bias, mean_weight, var_weight)
+            for t in (weight, bias, mean_share, var_share)
         ]
         return y
 
@@ -502,9 +510,9 @@ class _FusedSwitchableNorm(torch.autograd.Function):
         xf = x.float() if x.dtype in _LOW_PRECISION else x
         dy = grad_y.contiguous().to(xf.dtype)
         if ctx.compiled:
-            batch, weight, mean_weight, var_weight = ctx.small
+            batch, weight, mean_share, var_share = ctx.small
             grads = list(_COMPILED.sn_backward(
-                dy, xf, mean_in, var_in, weight, mean_weight, var_weight,
+                dy, xf, mean_in, var_in, weight, mean_share, var_share,
                 *(batch or (None, None)), ctx.pooled_bn, ctx.eps,
                 ctx.correction, need_x))
             grads[0] = grads[0].to(x.dtype) if need_x else None
@@ -536,11 +544,11 @@ class _FusedSwitchableNorm(torch.autograd.Function):
                 gm_col = neg_grad_mean.sum(0)
                 gv_col = grad_var.sum(0)
             if need_mw:
-                grads[3] = -_softmax_grad(w, neg_grad_mean, gm_row, gm_col,
-                                          mean_in, ln[0], batch, 0)
+                grads[3] = -_share_grad(neg_grad_mean, gm_row, gm_col,
+                                        mean_in, ln[0], batch, 0)
             if need_vw:
-                grads[4] = _softmax_grad(u, grad_var, gv_row, gv_col, var_in,
-                                         ln[1], batch, 1)
+                grads[4] = _share_grad(grad_var, gv_row, gv_col, var_in,
+                                       ln[1], batch, 1)
             if need_x:
                 coef_x, grad_mean_x = _instance_stats_grads(
                     ctx, mean_in, w, u, ln, batch, neg_grad_mean, grad_var,
@@ -603,42 +611,40 @@ def _instance_stats_grads(ctx, mean_in, w, u, ln, batch, neg_grad_mean,
     return coef_x, grad_mean_in / length
 
 
-def _softmax_grad(probs, grad_mixed, row_sums, col_sums, stat_in, stat_ln,
-                  batch, index):
-    """Gradient of the importance logits, given the gradient of
-    ``sum_k probs_k * stat_k`` (N, C) and its row/column sums."""
+def _share_grad(grad_mixed, row_sums, col_sums, stat_in, stat_ln, batch,
+                index):
+    """Gradient of the importance shares, given the gradient of
+    ``sum_k share_k * stat_k`` (N, C) and its row/column sums."""
     # mul + sum rather than torch.dot: BLAS would thread a dot product of a
     # few thousand values
     parts = [(grad_mixed * stat_in).sum(), (row_sums * stat_ln).sum()]
     if col_sums is not None:
         parts.append((col_sums * batch[index]).sum())
-    grad_probs = torch.stack(parts)
-    probs = torch.stack(probs)
-    return probs * (grad_probs - (probs * grad_probs).sum())
+    return torch.stack(parts)
 
 
 # ---------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------
-def _fast_forward_no_grad(x3, weight, bias, mean_weight, var_weight,
+def _fast_forward_no_grad(x3, weight, bias, mean_share, var_share,
                           batch_stats_fn, eps, correction):
     xf = x3.float() if x3.dtype in _LOW_PRECISION else x3
     dtype = xf.dtype
     compiled = _row_kernels(xf) == 'compiled'
     if compiled and not callable(batch_stats_fn):
         batch = _fixed_stats(batch_stats_fn, dtype)
-        return _compiled_output(xf, None, weight, bias, mean_weight,
-                                var_weight, batch, eps,
+        return _compiled_output(xf, None, weight, bias, mean_share,
+                                var_share, batch, eps,
                                 correction)[0].to(x3.dtype)
     mean_in, var_in, scratch = _instance_moments(xf, correction)
     with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
         batch = _batch_stats_of(batch_stats_fn, mean_in, var_in)
     if compiled:
         return _compiled_output(xf, (mean_in, var_in), weight, bias,
-                                mean_weight, var_weight, batch, eps,
+                                mean_share, var_share, batch, eps,
                                 correction)[0].to(x3.dtype)
     with _serial_small_ops(xf.shape[0] * xf.shape[1], xf.device):
-        w, u = _probs(mean_weight, var_weight, dtype)
+        w, u = _probs(mean_share, var_share, dtype)
         ln = layer_stats_from_instance(mean_in, var_in)
         _, _, scale, shift = _small_forward(mean_in, var_in,
                                             _param(weight, dtype),
@@ -664,23 +670,29 @@ def _needs_grad(tensors) -> bool:
         t is not None and t.requires_grad for t in tensors)
 
 
-def switchable_norm(x: Tensor,
-                    weight: Optional[Tensor],
-                    bias: Optional[Tensor],
-                    mean_weight: Tensor,
-                    var_weight: Tensor,
-                    batch_stats_fn: BatchStats,
-                    eps: float = 1e-5,
-                    unbiased: bool = True) -> Tensor:
-    """Switchable Normalization of ``x`` with shape (N, C, *spatial).
+def mixed_norm(x: Tensor,
+               weight: Optional[Tensor],
+               bias: Optional[Tensor],
+               mean_share: Tensor,
+               var_share: Tensor,
+               batch_stats_fn: BatchStats,
+               eps: float = 1e-5,
+               unbiased: bool = True) -> Tensor:
+    """Normalize ``x`` of shape (N, C, *spatial) with IN/LN/BN statistics
+    mixed by the given importance shares.
+
+    The core of SN (shares = softmax of its logits) and SSN (SparsestMax).
+    The shares are differentiated like any input, so autograd carries their
+    gradient through whatever map produced them.
 
     Args:
         x (Tensor): Input of at least 2 dimensions; a (N, C) input has one
             position per instance.
         weight (Tensor, optional): Per-channel gamma.
         bias (Tensor, optional): Per-channel beta.
-        mean_weight (Tensor): Importance logits for the means, [IN, LN(, BN)].
-        var_weight (Tensor): Importance logits for the variances.
+        mean_share (Tensor): Shares of the means on the simplex,
+            [IN, LN(, BN)].
+        var_share (Tensor): Shares of the variances.
         batch_stats_fn (callable | tuple | None): The BN statistics to mix:
             a function mapping (mean_in, var_in) of shape (N, C) to
             (mean, var) of shape (C,), called exactly once (batch statistics
@@ -703,13 +715,13 @@ def switchable_norm(x: Tensor,
     # contiguous (N, C, L); a channels_last input is copied once here
     x3 = x.reshape(n, c, -1).contiguous()
     correction = in_var_correction(x3.shape[2], unbiased)
-    args = (weight, bias, mean_weight, var_weight, batch_stats_fn, eps,
+    args = (weight, bias, mean_share, var_share, batch_stats_fn, eps,
             correction)
     with torch.autocast(x.device.type, enabled=False):
         if _FORCED_PATH == 'composite' or torch.compiler.is_compiling():
             xc = x3.float() if in_dtype in _LOW_PRECISION else x3
             y3 = _composite(xc, *args)
-        elif _needs_grad((x3, weight, bias, mean_weight, var_weight)):
+        elif _needs_grad((x3, weight, bias, mean_share, var_share)):
             y3 = _FusedSwitchableNorm.apply(x3, *args)
         else:
             y3 = _fast_forward_no_grad(x3, *args)
@@ -720,8 +732,34 @@ def switchable_norm(x: Tensor,
     return y
 
 
+def switchable_norm(x: Tensor,
+                    weight: Optional[Tensor],
+                    bias: Optional[Tensor],
+                    mean_weight: Tensor,
+                    var_weight: Tensor,
+                    batch_stats_fn: BatchStats,
+                    eps: float = 1e-5,
+                    unbiased: bool = True) -> Tensor:
+    """Switchable Normalization of ``x`` with shape (N, C, *spatial):
+    :func:`mixed_norm` with the shares ``softmax(mean_weight)`` and
+    ``softmax(var_weight)``.
+
+    Args:
+        mean_weight (Tensor): Importance logits for the means, [IN, LN(, BN)].
+        var_weight (Tensor): Importance logits for the variances.
+        Others: see :func:`mixed_norm`.
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        mean_share = torch.softmax(mean_weight.to(dtype), 0)
+        var_share = torch.softmax(var_weight.to(dtype), 0)
+    return mixed_norm(x, weight, bias, mean_share, var_share, batch_stats_fn,
+                      eps, unbiased)
+
+
 __all__ = [
-    'switchable_norm', 'mix_statistics', 'batch_stats_from_instance',
+    'switchable_norm', 'mixed_norm', 'mix_statistics', 'mix_with_shares',
+    'batch_stats_from_instance',
     'layer_stats_from_instance', 'in_var_correction', 'BatchStatsFn',
     'BatchStats', 'compiled_kernels_available'
 ]

@@ -253,18 +253,6 @@ std::vector<double> as_doubles(const at::Tensor& t) {
   return out;
 }
 
-std::vector<double> softmax(const at::Tensor& logits) {
-  std::vector<double> z = as_doubles(logits);
-  const double top = *std::max_element(z.begin(), z.end());
-  double total = 0;
-  for (double& v : z) {
-    v = std::exp(v - top);
-    total += v;
-  }
-  for (double& v : z) v /= total;
-  return z;
-}
-
 at::Tensor from_doubles(const std::vector<double>& v, at::IntArrayRef sizes,
                         const at::TensorOptions& options) {
   at::Tensor out = at::empty(sizes, options);
@@ -302,7 +290,7 @@ struct Mixing {
 
   Mixing(const at::Tensor& mean_in_, const at::Tensor& var_in_,
          const std::optional<at::Tensor>& weight,
-         const at::Tensor& mean_weight, const at::Tensor& var_weight,
+         const at::Tensor& mean_share, const at::Tensor& var_share,
          const std::optional<at::Tensor>& batch_mean,
          const std::optional<at::Tensor>& batch_var, double eps_,
          bool layer_stats_now = true)
@@ -310,8 +298,8 @@ struct Mixing {
         c(mean_in_.size(1)),
         mean_in(mean_in_.const_data_ptr<T>()),
         var_in(var_in_.const_data_ptr<T>()),
-        w(softmax(mean_weight)),
-        u(softmax(var_weight)),
+        w(as_doubles(mean_share)),
+        u(as_doubles(var_share)),
         ln_mean(n, 0.0),
         ln_var(n, 0.0),
         eps(eps_) {
@@ -320,7 +308,7 @@ struct Mixing {
                 "mmsn: batch mean and variance must be given together");
     TORCH_CHECK(w.size() == branches && u.size() == branches,
                 "mmsn: expected ", branches,
-                " importance logits for the means and the variances, got ",
+                " importance shares for the means and the variances, got ",
                 w.size(), " and ", u.size());
     bn_mean = per_channel(batch_mean, c, "batch statistics");
     bn_var = per_channel(batch_var, c, "batch statistics");
@@ -382,8 +370,8 @@ at::Tensor sn_affine(const at::Tensor& x, const at::Tensor& mean_in,
                      const at::Tensor& var_in,
                      const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias,
-                     const at::Tensor& mean_weight,
-                     const at::Tensor& var_weight,
+                     const at::Tensor& mean_share,
+                     const at::Tensor& var_share,
                      const std::optional<at::Tensor>& batch_mean,
                      const std::optional<at::Tensor>& batch_var,
                      double eps) {
@@ -394,8 +382,8 @@ at::Tensor sn_affine(const at::Tensor& x, const at::Tensor& mean_in,
   const std::vector<double> beta = per_channel(bias, c, "bias");
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_sn_affine", [&] {
-    const Mixing<scalar_t> mix(mean_in, var_in, weight, mean_weight,
-                               var_weight, batch_mean, batch_var, eps);
+    const Mixing<scalar_t> mix(mean_in, var_in, weight, mean_share,
+                               var_share, batch_mean, batch_var, eps);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
@@ -411,8 +399,8 @@ at::Tensor sn_affine(const at::Tensor& x, const at::Tensor& mean_in,
 // from cache. Returns y and the IN moments (kept for backward).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sn_forward_fixed(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& mean_weight,
-    const at::Tensor& var_weight, const std::optional<at::Tensor>& batch_mean,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean_share,
+    const at::Tensor& var_share, const std::optional<at::Tensor>& batch_mean,
     const std::optional<at::Tensor>& batch_var, double eps,
     int64_t correction) {
   check_rows(x, "sn_forward_fixed");
@@ -425,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sn_forward_fixed(
   at::Tensor var = at::empty_like(mean);
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_sn_forward_fixed", [&] {
-    Mixing<scalar_t> mix(mean, var, weight, mean_weight, var_weight,
+    Mixing<scalar_t> mix(mean, var, weight, mean_share, var_share,
                          batch_mean, batch_var, eps,
                          /*layer_stats_now=*/false);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
@@ -455,18 +443,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sn_forward_fixed(
   return {y, mean, var};
 }
 
-// Gradient of the importance logits from the gradients of the shares.
-std::vector<double> softmax_grad(const std::vector<double>& shares,
-                                 const std::vector<double>& grad_shares) {
-  double dot = 0;
-  for (size_t k = 0; k < shares.size(); ++k) dot += shares[k] * grad_shares[k];
-  std::vector<double> out(shares.size());
-  for (size_t k = 0; k < shares.size(); ++k) {
-    out[k] = shares[k] * (grad_shares[k] - dot);
-  }
-  return out;
-}
-
 // Per-row gradients of y = (x - mean) * scale + beta, scale = gamma * rstd,
 // with respect to the mixed mean (negated) and the mixed variance + eps.
 struct RowGrads {
@@ -491,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 sn_backward(const at::Tensor& dy, const at::Tensor& x,
             const at::Tensor& mean_in_t, const at::Tensor& var_in_t,
             const std::optional<at::Tensor>& weight,
-            const at::Tensor& mean_weight, const at::Tensor& var_weight,
+            const at::Tensor& mean_share, const at::Tensor& var_share,
             const std::optional<at::Tensor>& batch_mean,
             const std::optional<at::Tensor>& batch_var, bool pooled_bn,
             double eps, int64_t correction, bool need_dx) {
@@ -505,11 +481,11 @@ sn_backward(const at::Tensor& dy, const at::Tensor& x,
   const auto opts = x.options();
   at::Tensor dx = need_dx ? at::empty_like(x) : at::empty({0}, opts);
   std::vector<double> d_gamma(c, 0.0), d_beta(c, 0.0);
-  std::vector<double> d_mean_weight, d_var_weight;
+  std::vector<double> d_mean_share, d_var_share;
   const auto sums = rows_grad_sums(dy, x, mean_in_t);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_sn_backward", [&] {
-    const Mixing<scalar_t> mix(mean_in_t, var_in_t, weight, mean_weight,
-                               var_weight, batch_mean, batch_var, eps);
+    const Mixing<scalar_t> mix(mean_in_t, var_in_t, weight, mean_share,
+                               var_share, batch_mean, batch_var, eps);
     const scalar_t* dot = std::get<0>(sums).const_data_ptr<scalar_t>();
     const scalar_t* sum_dy = std::get<1>(sums).const_data_ptr<scalar_t>();
     // Row (per-sample) and column (per-channel) sums of the gradients of
@@ -571,9 +547,10 @@ sn_backward(const at::Tensor& dy, const at::Tensor& x,
         gp_var[2] += gv_col[j] * mix.bn_var[j];
       }
     }
-    d_mean_weight = softmax_grad(mix.w, gp_mean);
-    for (double& v : d_mean_weight) v = -v;
-    d_var_weight = softmax_grad(mix.u, gp_var);
+    // gp_mean holds the gradient of the negated mixed mean
+    d_mean_share = gp_mean;
+    for (double& v : d_mean_share) v = -v;
+    d_var_share = gp_var;
     if (!need_dx) return;
 
     // dx = scale * dy + coef_x * (x - mean_in) + k per row, through the IN
@@ -611,8 +588,8 @@ sn_backward(const at::Tensor& dy, const at::Tensor& x,
   });
   return {dx, from_doubles(d_gamma, {c}, opts),
           from_doubles(d_beta, {c}, opts),
-          from_doubles(d_mean_weight, {mean_weight.numel()}, opts),
-          from_doubles(d_var_weight, {var_weight.numel()}, opts)};
+          from_doubles(d_mean_share, {mean_share.numel()}, opts),
+          from_doubles(d_var_share, {var_share.numel()}, opts)};
 }
 
 }  // namespace
@@ -626,14 +603,14 @@ TORCH_LIBRARY(mmsn, m) {
   m.def("rows_grad_input(Tensor dy, Tensor x, Tensor mean, Tensor a, "
         "Tensor b, Tensor k) -> Tensor");
   m.def("sn_affine(Tensor x, Tensor mean_in, Tensor var_in, Tensor? weight, "
-        "Tensor? bias, Tensor mean_weight, Tensor var_weight, "
+        "Tensor? bias, Tensor mean_share, Tensor var_share, "
         "Tensor? batch_mean, Tensor? batch_var, float eps) -> Tensor");
   m.def("sn_forward_fixed(Tensor x, Tensor? weight, Tensor? bias, "
-        "Tensor mean_weight, Tensor var_weight, Tensor? batch_mean, "
+        "Tensor mean_share, Tensor var_share, Tensor? batch_mean, "
         "Tensor? batch_var, float eps, int correction) -> "
         "(Tensor, Tensor, Tensor)");
   m.def("sn_backward(Tensor dy, Tensor x, Tensor mean_in, Tensor var_in, "
-        "Tensor? weight, Tensor mean_weight, Tensor var_weight, "
+        "Tensor? weight, Tensor mean_share, Tensor var_share, "
         "Tensor? batch_mean, Tensor? batch_var, bool pooled_bn, float eps, "
         "int correction, bool need_dx) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
