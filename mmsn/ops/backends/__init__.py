@@ -1,0 +1,1 @@
+"""Implementations of the big-tensor passes of SN (see :mod:`.base`)."""

@@ -1,0 +1,94 @@
+"""The interface every implementation of SN's big-tensor passes provides.
+
+SN touches the big tensor only in a few passes over its rows, x viewed as
+(N, C, L) (one row per sample and channel, L positions). Everything between
+the passes is per-(n, c) algebra on O(N * C) numbers (see
+``mmsn/ops/switchable_norm.py``). A backend is one implementation of those
+passes for one kind of device; one is chosen per call from the tensor's
+device, what is installed and ``MMSN_SN_PATH``.
+
+Conventions shared by all methods:
+
+* ``x3`` is (N, C, L). It is contiguous unless the backend sets
+  ``takes_strided`` (then any strided view, e.g. channels_last flattened).
+  Its dtype is one of ``input_dtypes`` (other inputs are cast to float32
+  before the call).
+* Statistics (``mean_in``, ``var_in``, per-row coefficients, shares, BN
+  statistics, gradients of parameters) are float32, or float64 for float64
+  input, shaped (N, C) or (C,) or (K,), contiguous.
+* Outputs that have x's shape (``y``, ``dx``) have x's dtype and layout.
+* ``mean_share``/``var_share`` are the importance shares on the simplex
+  (K = 3: [IN, LN, BN], or K = 2: [IN, LN] without a BN branch, in which
+  case ``batch_mean``/``batch_var`` are None).
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class RowBackend:
+    """Base class: the four row passes are required, the fused whole-layer
+    methods are optional (``fused = True`` when implemented)."""
+
+    name = 'base'
+    input_dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+    takes_strided = False
+    fused = False
+
+    # -- the four passes ---------------------------------------------------
+    def moments(self, x3: Tensor, correction: int):
+        """IN statistics per row: ``(mean_in, var_in, scratch)``;
+        ``var_in = sum((x - mean_in)^2) / (L - correction)``. ``scratch`` is
+        whatever :meth:`rows_affine` may reuse (or None)."""
+        raise NotImplementedError
+
+    def rows_affine(self, x3: Tensor, scratch, mean_in: Tensor, scale: Tensor,
+                    shift: Tensor) -> Tensor:
+        """``y = (x - mean_in) * scale + shift`` per row."""
+        raise NotImplementedError
+
+    def rows_grad_sums(self, dy: Tensor, x3: Tensor,
+                       mean_in: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per row ``(sum(dy * (x - mean_in)), sum(dy))``, in one pass."""
+        raise NotImplementedError
+
+    def rows_grad_input(self, dy: Tensor, x3: Tensor, mean_in: Tensor,
+                        a: Tensor, b: Tensor, k: Tensor) -> Tensor:
+        """``dx = a * dy + b * (x - mean_in) + k`` per row."""
+        raise NotImplementedError
+
+    # -- the whole layer, with the per-(n, c) algebra inside (optional) -----
+    def sn_normalize(self, x3: Tensor, mean_in: Tensor, var_in: Tensor,
+                     weight: Optional[Tensor], bias: Optional[Tensor],
+                     mean_share: Tensor, var_share: Tensor,
+                     batch_mean: Optional[Tensor],
+                     batch_var: Optional[Tensor], eps: float) -> Tensor:
+        """Training output after :meth:`moments`: LN statistics pooled from
+        the IN ones, mixed mean and variance, ``y = (x - mean) *
+        rsqrt(var + eps) * gamma + beta``."""
+        raise NotImplementedError
+
+    def sn_forward_fixed(self, x3: Tensor, weight: Optional[Tensor],
+                         bias: Optional[Tensor], mean_share: Tensor,
+                         var_share: Tensor, batch_mean: Optional[Tensor],
+                         batch_var: Optional[Tensor], eps: float,
+                         correction: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """The whole forward when the BN statistics do not depend on this
+        batch (running statistics, or none): ``(y, mean_in, var_in)``,
+        ideally in one sweep over x."""
+        raise NotImplementedError
+
+    def sn_backward(self, dy: Tensor, x3: Tensor, mean_in: Tensor,
+                    var_in: Tensor, weight: Optional[Tensor],
+                    mean_share: Tensor, var_share: Tensor,
+                    batch_mean: Optional[Tensor], batch_var: Optional[Tensor],
+                    pooled_bn: bool, eps: float, correction: int,
+                    need_dx: bool):
+        """Gradients ``(dx, d_gamma, d_beta, d_mean_share, d_var_share)``.
+
+        ``pooled_bn``: the BN statistics are this batch's, pooled from the
+        IN ones over n (their gradient flows into dx); otherwise they are
+        constants. ``dx`` is an empty tensor when ``need_dx`` is False.
+        """
+        raise NotImplementedError
