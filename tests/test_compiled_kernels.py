@@ -84,15 +84,15 @@ def test_threads_do_not_change_results():
     n, c = 64, 64
     x = rows((n, c, 49), torch.float32, 0)
     dy = rows((n, c, 49), torch.float32, 1)
-    logits = torch.tensor([0.2, -0.1, 0.4])
+    shares = torch.softmax(torch.tensor([0.2, -0.1, 0.4]), 0)
     gamma, beta = per_row((2, c), torch.float32, 2)
 
     def run_all():
         mean, var = ops.instance_moments(x, 1)
         mean_bn, var_bn = mean.mean(0), var.mean(0)
-        y = ops.sn_affine(x, mean, var, gamma, beta, logits, logits,
+        y = ops.sn_affine(x, mean, var, gamma, beta, shares, shares,
                           mean_bn, var_bn, 1e-5)
-        grads = ops.sn_backward(dy, x, mean, var, gamma, logits, logits,
+        grads = ops.sn_backward(dy, x, mean, var, gamma, shares, shares,
                                 mean_bn, var_bn, True, 1e-5, 1, True)
         return (mean, var, y, *grads)
 
@@ -123,7 +123,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match='must match'):
         ops.rows_grad_sums(torch.randn(2, 3, 5), x, torch.zeros(6))
     mean, var = ops.instance_moments(x, 1)
-    with pytest.raises(RuntimeError, match='expected 3 importance logits'):
+    with pytest.raises(RuntimeError, match='expected 3 importance shares'):
         ops.sn_affine(x, mean, var, None, None, torch.zeros(2),
                       torch.zeros(3), mean[0], var[0], 1e-5)
     with pytest.raises(RuntimeError, match='batch statistics must have C'):
@@ -146,7 +146,9 @@ def test_fixed_stats_forward_equals_the_two_pass_forward(n, threads, with_bn):
     x = rows((n, c, 37), torch.float32, 0, offset=3.0)
     gamma, beta = per_row((2, c), torch.float32, 1)
     k = 3 if with_bn else 2
-    mw, vw = torch.linspace(-0.5, 0.5, k), torch.linspace(0.3, -0.2, k)
+    # importance shares on the simplex
+    mw = torch.softmax(torch.linspace(-0.5, 0.5, k), 0)
+    vw = torch.softmax(torch.linspace(0.3, -0.2, k), 0)
     fixed = (rows((c, ), torch.float32, 2), rows((c, ), torch.float32, 3).abs()
              ) if with_bn else (None, None)
     old = torch.get_num_threads()
