@@ -1,19 +1,10 @@
-# DeepLabV3, ResNet-50-D8 + SN with the torchvision-style 7x7 stem ("r50b", as
-# mmseg's own r50b configs), Cityscapes 512x1024, 4 GPUs x 2 images, 80k iterations.
-#
-# Switchable Normalization replaces SyncBN in the dilated ResNet backbone
-# (output stride 8) and in the decode and auxiliary heads. SN keeps per-GPU
-# statistics and mixes them with IN and LN statistics, so it needs no cross-GPU
-# synchronisation at a few images per GPU; use norm_cfg=dict(type='SyncSN') to
-# pool its BN-branch statistics across GPUs as SyncBN does.
-#
-# The backbone starts from the ImageNet ResNet-50 v1 + SN checkpoint that
-# exists: the authors' resnetv1sn50, converted with
-#   python tools/model_converters/sn_to_mmpretrain.py \
-#       resnet50v1_sn_best.pth.tar checkpoints/resnet50_sn_8xb32.pth
-# or one trained with configs/resnet50_sn_8xb32.py; the `backbone.` keys of
-# either load with no missing keys. (mmseg's r50-d8 configs use ResNetV1c's
-# deep 3-conv stem, for which no SN ImageNet checkpoint exists.)
+# DeepLabV3, ResNet-50-D8 + SN with the 7x7 stem ("r50b", as mmseg's r50b
+# configs), Cityscapes 512x1024, 4 GPUs x 2 images, 80k iterations.
+# SN replaces SyncBN in the backbone and the decode/auxiliary heads
+# (norm_cfg=dict(type='SyncSN') pools the BN-branch statistics across GPUs).
+# The backbone starts from the authors' resnetv1sn50 converted by
+# tools/model_converters/sn_to_mmpretrain.py (README.md, "The authors'
+# checkpoints"); mmseg's r50-d8 deep stem has no SN ImageNet checkpoint.
 _base_ = 'mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-80k_cityscapes-512x1024.py'
 
 custom_imports = dict(imports=['mmsn'], allow_failed_imports=False)
