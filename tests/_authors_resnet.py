@@ -222,8 +222,10 @@ def save_authors_checkpoint(model, path, name, best_prec1=77.49):
         dict(
             epoch=100,
             model=name,
-            state_dict={f'module.{k}': v
-                        for k, v in model.state_dict().items()},
+            state_dict={
+                f'module.{k}': v
+                for k, v in model.state_dict().items()
+            },
             best_prec1=torch.tensor(best_prec1),
             optimizer=dict(
                 state={},

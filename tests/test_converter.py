@@ -21,7 +21,7 @@ import torch
 
 import mmsn  # noqa: F401
 from _authors_resnet import RefResNet, randomize, save_authors_checkpoint
-from mmsn.converters import KNOWN_MODELS, suggested_config
+from mmsn.converters import suggested_config
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(REPO, 'tools', 'model_converters', 'sn_to_mmpretrain.py')
@@ -122,9 +122,8 @@ def test_logits_match_reference(converted, name, using_bn, capsys):
     assert sn.using_bn == using_bn
     if version == 2:
         # the authors' bare shortcut conv landed in downsample.0
-        torch.testing.assert_close(model.backbone.layer3[0].downsample[0].weight,
-                                   ref.layer3[0].downsample.weight,
-                                   rtol=0, atol=0)
+        assert torch.equal(model.backbone.layer3[0].downsample[0].weight,
+                           ref.layer3[0].downsample.weight)
 
     # The authors' evaluation size. Smaller inputs leave IN statistics of
     # 2x2 maps in the last stage, where fp32 rounding of *both* models grows
@@ -201,8 +200,7 @@ def test_test_tool_runs_on_converted(converted, tmp_path):
     assert preds[0]['pred_score'].shape == (1000, )
 
 
-
-# -- bad input: one table, the exact message of each ---------------------------
+# -- bad input: one table, the exact message of each --------------------------
 KNOWN = 'resnetv1sn101, resnetv1sn50, resnetv2sn101, resnetv2sn50'
 
 
@@ -342,7 +340,8 @@ WRONG_ARCHITECTURE = (
     'module.layer3.0.downsample.weight, module.layer4.0.downsample.weight, '
     'module.sn_out.weight, module.sn_out.bias, and 4 more\n'
     'keys the target model needs but the source lacks: '
-    'module.layer1.0.downsample.0.weight, module.layer1.0.downsample.1.weight, '
+    'module.layer1.0.downsample.0.weight, '
+    'module.layer1.0.downsample.1.weight, '
     'module.layer1.0.downsample.1.bias, '
     'module.layer1.0.downsample.1.mean_weight, '
     'module.layer1.0.downsample.1.var_weight, '

@@ -67,10 +67,11 @@ from mmengine.runner.checkpoint import load_checkpoint, save_checkpoint
 hub = MessageHub.get_instance('t')
 hub.update_scalar('train/loss', 1.5)
 model = torch.nn.Linear(2, 2)
+path = {str(tmp_path / 'c.pth')!r}
 save_checkpoint(dict(state_dict=model.state_dict(),
-                     message_hub=hub.state_dict()), {str(tmp_path / 'c.pth')!r})
-out['mmengine_raw_refused'] = refused({str(tmp_path / 'c.pth')!r})
-ckpt = load_checkpoint(model, {str(tmp_path / 'c.pth')!r})
+                     message_hub=hub.state_dict()), path)
+out['mmengine_raw_refused'] = refused(path)
+ckpt = load_checkpoint(model, path)
 out['mmengine_loaded'] = 'message_hub' in ckpt
 out['globals_added_by_load'] = sorted(
     set(map(str, torch.serialization.get_safe_globals())) - allowed)
@@ -193,8 +194,8 @@ def test_remove_leaves_a_later_replacement_alone():
     finally:
         module._fuse_conv_bn = ours
         patching._applied['fuse-conv-bn'] = [
-            patching.Replacement(module, '_fuse_conv_bn',
-                                 ours.__wrapped__, ours)
+            patching.Replacement(module, '_fuse_conv_bn', ours.__wrapped__,
+                                 ours)
         ]
 
 
@@ -239,9 +240,7 @@ def test_readme_table_lists_every_patch():
     readme = (REPO / 'README.md').read_text()
     section = re.split(r'\n##+ ',
                        readme.split('### What importing mmsn changes')[1])[0]
-    rows = [
-        line for line in section.splitlines() if line.startswith('| `')
-    ]
+    rows = [line for line in section.splitlines() if line.startswith('| `')]
     names = [re.match(r'\| `([^`]+)`', row).group(1) for row in rows]
     assert names == [p.name for p in patching.available_patches()]
     for patch, row in zip(patching.available_patches(), rows):
@@ -320,8 +319,8 @@ SN_HINT = "did you mean 'SN', 'SN1d', 'SN2d', 'SN3d'?"
 NORM_TYPOS = [
     # (what is built, the exact error)
     (dict(type='PreActResNet', depth=18, norm_cfg=dict(type='SNN')),
-     "norm_cfg: norm type 'SNN' is not registered (scope 'mmpretrain'); "
-     + SN_HINT),
+     "norm_cfg: norm type 'SNN' is not registered (scope 'mmpretrain'); " +
+     SN_HINT),
     (dict(type='PreActResNet', depth=18, norm_cfg=dict(type='sn')),
      "norm_cfg: norm type 'sn' is not registered (scope 'mmpretrain'); "
      "did you mean 'SN'?"),
@@ -331,8 +330,10 @@ NORM_TYPOS = [
 ]
 
 
-@pytest.mark.parametrize('cfg,message', NORM_TYPOS,
-                         ids=[c['norm_cfg']['type'] for c, _ in NORM_TYPOS])
+@pytest.mark.parametrize(
+    'cfg,message',
+    NORM_TYPOS,
+    ids=[c['norm_cfg']['type'] for c, _ in NORM_TYPOS])
 def test_norm_type_typo_names_the_registered_norms(cfg, message):
     from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS

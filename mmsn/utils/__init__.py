@@ -5,6 +5,6 @@ from .patches import (ENV_VAR, apply_patches, applied_patches,
 
 __all__ = [
     'ENV_VAR', 'apply_patches', 'applied_patches', 'available_patches',
-    'check_norm_cfg', 'check_norm_cfgs', 'mmengine_checkpoint_globals', 'remove_patches',
-    'suggest_norm_types'
+    'check_norm_cfg', 'check_norm_cfgs', 'mmengine_checkpoint_globals',
+    'remove_patches', 'suggest_norm_types'
 ]

@@ -68,7 +68,9 @@ def _patch_mmengine_sync_conversion() -> List[Replacement]:
 
     # The original recurses through this module global, so every SN below
     # the root reaches the wrapper; the re-exports cover an SN root.
-    records = [replace(utils, 'convert_sync_batchnorm', convert_sync_batchnorm)]
+    records = [
+        replace(utils, 'convert_sync_batchnorm', convert_sync_batchnorm)
+    ]
     for module_name in ('mmengine.model', 'mmengine.runner.runner',
                         'mmengine._strategy.distributed'):
         try:

@@ -31,6 +31,7 @@ def _registered_norms() -> List[str]:
 
 def suggest_norm_types(name: str, limit: int = 5) -> List[str]:
     """Registered norm names close to ``name``, closest first."""
+
     def closeness(candidate):
         if candidate.lower() == name.lower():
             return 2.0

@@ -118,7 +118,8 @@ def opted_out() -> List[str]:
     if unknown:
         warnings.warn(
             f'{ENV_VAR}={value!r} names unknown patch(es) {unknown}; the '
-            f'patches are {known} (or 1 for all)', stacklevel=2)
+            f'patches are {known} (or 1 for all)',
+            stacklevel=2)
     return [n for n in known if n in names]
 
 
@@ -170,6 +171,7 @@ def remove_patches(names: Optional[Iterable[str]] = None) -> List[str]:
                 warnings.warn(
                     f'mmsn patch {patch.name!r}: {record.attr} of '
                     f'{record.owner!r} was replaced again after mmsn patched '
-                    f'it; left as it is', stacklevel=2)
+                    f'it; left as it is',
+                    stacklevel=2)
         removed.append(patch.name)
     return removed
