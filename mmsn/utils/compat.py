@@ -142,9 +142,10 @@ PATCHES = [
           'turns SN into SyncSN with its state (it would become '
           'SyncBatchNorm and lose the importance weights)',
           _patch_torch_sync_conversion),
-    Patch('sync-conversion-mmengine', 'mmengine.model.convert_sync_batchnorm '
-          '(and its re-exports)', 'the same for sync_bn="torch"/"mmcv" in '
-          'mmengine configs', _patch_mmengine_sync_conversion),
+    Patch('sync-conversion-mmengine',
+          'mmengine.model.utils.convert_sync_batchnorm (and its re-exports)',
+          'the same for sync_bn="torch"/"mmcv" in mmengine configs',
+          _patch_mmengine_sync_conversion),
     Patch('fuse-conv-bn', 'mmcv.cnn.utils.fuse_conv_bn._fuse_conv_bn',
           'refuses to fold SN into a conv with a clear error (it would '
           'silently fold it as BN)', _patch_mmcv_fuse_conv_bn),
