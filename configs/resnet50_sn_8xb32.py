@@ -1,5 +1,6 @@
 # ResNet50v1+SN (8,32): 8 GPUs x 32 images, lr 0.1, 120 epochs with 5 warmup
-# epochs and cosine decay. Published: 77.49 top-1 / 93.32 top-5.
+# epochs and cosine decay, last_gamma (zero-init of the last norm in each
+# block, from the base model). Published: 77.49 top-1 / 93.32 top-5.
 _base_ = [
     './_base_/models/resnet50_sn.py',
     './_base_/datasets/imagenet_bs32_lighting.py',

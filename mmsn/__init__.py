@@ -1,21 +1,32 @@
 """mmsn: Switchable Normalization for OpenMMLab.
 
 Importing the package (e.g. via ``custom_imports=dict(imports=['mmsn'])``)
-registers the SN layers in MMEngine's root ``MODELS`` registry, the hooks in
-``HOOKS``, and makes mmengine/mmcv's BN-only helpers and checkpoint loading
-work with SN (see :mod:`mmsn.utils`).
+registers the SN layers in MMEngine's root ``MODELS`` registry and the hooks
+in ``HOOKS`` (see :mod:`mmsn.registry`), and applies the patches of
+:mod:`mmsn.utils.patches` that make mmengine/mmcv's BN-only helpers and
+checkpoint loading work with SN (``MMSN_NO_PATCHES=1`` leaves them out).
 """
+import importlib
+
 from .version import __version__
 from .models import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
                      SyncSwitchableNorm)
 from .ops import switchable_norm
-from .utils import allow_mmengine_checkpoints, apply_patches
-from . import datasets, engine  # noqa: F401  (registers datasets, hooks)
+from . import engine, registry  # noqa: F401  (registers hooks, builders)
+from .utils import apply_patches
 
 apply_patches()
-allow_mmengine_checkpoints()
 
 __all__ = [
     '__version__', 'SwitchableNorm1d', 'SwitchableNorm2d', 'SwitchableNorm3d',
     'SyncSwitchableNorm', 'switchable_norm'
 ]
+
+# Imported on first use: they import mmpretrain (seconds).
+_LAZY_SUBMODULES = ('datasets', 'converters')
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f'.{name}', __name__)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,219 +1,31 @@
 """The converter of the SN authors' checkpoints, checked end to end.
 
-A reference ResNet is written here from the published layout and equations
-(the authors' module names, SN with the unbiased IN variance and LN/BN
-statistics derived from the IN ones, running statistics of shape (1, C, 1),
-gamma/beta of shape (1, C, 1, 1)); it does not use mmsn's SN. Its random
-weights are saved in the authors' checkpoint format, converted with
+The reference models of ``_authors_resnet.py`` are written from the published
+layout and equations (the authors' module names, including v2's bare
+shortcut conv; SN with the unbiased IN variance and LN/BN statistics derived
+from the IN ones); they do not use mmsn. Their random weights are saved in
+the authors' checkpoint format, converted with
 ``tools/model_converters/sn_to_mmpretrain.py`` and loaded into the model of
-the matching config; both must give the same logits in eval mode.
+the matching config; both must give the same logits in eval mode. Every bad
+input is in one table with the exact message it must give.
 """
 import importlib.util
 import os.path as osp
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import mmsn  # noqa: F401
+from _authors_resnet import RefResNet, randomize, save_authors_checkpoint
 from mmsn.converters import suggested_config
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(REPO, 'tools', 'model_converters', 'sn_to_mmpretrain.py')
 TOL = 1e-5
-
-
-# -- the authors' layout, written from the description ------------------------
-class RefSwitchNorm2d(nn.Module):
-    """SN of the reference implementation (eval numerics are what matter)."""
-
-    def __init__(self, channels, using_bn=True, eps=1e-5):
-        super().__init__()
-        self.using_bn = using_bn
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        branches = 3 if using_bn else 2
-        self.mean_weight = nn.Parameter(torch.ones(branches))
-        self.var_weight = nn.Parameter(torch.ones(branches))
-        if using_bn:
-            self.register_buffer('running_mean', torch.zeros(1, channels, 1))
-            self.register_buffer('running_var', torch.zeros(1, channels, 1))
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        x = x.view(n, c, -1)
-        mean_in = x.mean(-1, keepdim=True)
-        var_in = x.var(-1, keepdim=True)  # unbiased, as the authors
-        second = var_in + mean_in**2
-        mean_ln = mean_in.mean(1, keepdim=True)
-        var_ln = second.mean(1, keepdim=True) - mean_ln**2
-        w_mean = F.softmax(self.mean_weight, 0)
-        w_var = F.softmax(self.var_weight, 0)
-        mean = w_mean[0] * mean_in + w_mean[1] * mean_ln
-        var = w_var[0] * var_in + w_var[1] * var_ln
-        if self.using_bn:
-            if self.training:
-                mean_bn = mean_in.mean(0, keepdim=True)
-                var_bn = second.mean(0, keepdim=True) - mean_bn**2
-            else:
-                mean_bn, var_bn = self.running_mean, self.running_var
-            mean = mean + w_mean[2] * mean_bn
-            var = var + w_var[2] * var_bn
-        x = (x - mean) / (var + self.eps).sqrt()
-        return x.view(n, c, h, w) * self.weight + self.bias
-
-
-def conv(cin, cout, k, stride=1):
-    return nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False)
-
-
-class RefBottleneckV1(nn.Module):
-
-    def __init__(self, inplanes, planes, stride, downsample, using_bn):
-        super().__init__()
-        self.conv1 = conv(inplanes, planes, 1)
-        self.sn1 = RefSwitchNorm2d(planes, using_bn)
-        self.conv2 = conv(planes, planes, 3, stride)
-        self.sn2 = RefSwitchNorm2d(planes, using_bn)
-        self.conv3 = conv(planes, planes * 4, 1)
-        self.sn3 = RefSwitchNorm2d(planes * 4, using_bn)
-        self.relu = nn.ReLU()
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.sn1(self.conv1(x)))
-        out = self.relu(self.sn2(self.conv2(out)))
-        out = self.sn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-class RefBottleneckV2(nn.Module):
-    """Pre-activation: SN -> ReLU -> conv; the shortcut conv (no norm) takes
-    the pre-activated input."""
-
-    def __init__(self, inplanes, planes, stride, downsample, using_bn):
-        super().__init__()
-        self.sn1 = RefSwitchNorm2d(inplanes, using_bn)
-        self.conv1 = conv(inplanes, planes, 1)
-        self.sn2 = RefSwitchNorm2d(planes, using_bn)
-        self.conv2 = conv(planes, planes, 3, stride)
-        self.sn3 = RefSwitchNorm2d(planes, using_bn)
-        self.conv3 = conv(planes, planes * 4, 1)
-        self.relu = nn.ReLU()
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.sn1(x))
-        identity = x if self.downsample is None else self.downsample(out)
-        out = self.conv1(out)
-        out = self.conv2(self.relu(self.sn2(out)))
-        out = self.conv3(self.relu(self.sn3(out)))
-        return out + identity
-
-
-class RefResNet(nn.Module):
-    """``resnetv{1,2}sn{50,101}`` of the authors' zoo (names and numerics).
-
-    7x7 average pool (the global average at the 224x224 input), dropout 0.5
-    (a no-op in eval mode) and fc, as in the authors' model.
-    """
-
-    def __init__(self, version=1, depth=50, using_bn=True, num_classes=1000):
-        super().__init__()
-        blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
-        block = RefBottleneckV1 if version == 1 else RefBottleneckV2
-        self.version = version
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.sn1 = RefSwitchNorm2d(64, using_bn)
-        self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        inplanes = 64
-        for i, (planes, num) in enumerate(zip((64, 128, 256, 512), blocks)):
-            stride = 1 if i == 0 else 2
-            if version == 1:
-                downsample = nn.Sequential(
-                    conv(inplanes, planes * 4, 1, stride),
-                    RefSwitchNorm2d(planes * 4, using_bn))
-            else:
-                downsample = nn.Sequential(
-                    conv(inplanes, planes * 4, 1, stride))
-            layers = [block(inplanes, planes, stride, downsample, using_bn)]
-            inplanes = planes * 4
-            layers += [
-                block(inplanes, planes, 1, None, using_bn)
-                for _ in range(num - 1)
-            ]
-            setattr(self, f'layer{i + 1}', nn.Sequential(*layers))
-        if version == 2:
-            self.sn_out = RefSwitchNorm2d(inplanes, using_bn)
-        self.avgpool = nn.AvgPool2d(7, stride=1)
-        self.dropout = nn.Dropout(0.5)
-        self.fc = nn.Linear(inplanes, num_classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.sn1(self.conv1(x))))
-        for i in range(1, 5):
-            x = getattr(self, f'layer{i}')(x)
-        if self.version == 2:
-            x = self.relu(self.sn_out(x))
-        x = self.avgpool(x).flatten(1)
-        return self.fc(self.dropout(x))
-
-
-def randomize(model, seed):
-    """Random weights, importance logits and running statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(
-                    torch.randn(module.weight.shape, generator=gen) *
-                    (2 / fan_in)**0.5)
-            elif isinstance(module, nn.Linear):
-                bound = module.in_features**-0.5
-                module.weight.copy_(
-                    (torch.rand(module.weight.shape, generator=gen) * 2 - 1) *
-                    bound)
-                module.bias.copy_(
-                    (torch.rand(module.bias.shape, generator=gen) * 2 - 1) *
-                    bound)
-            elif isinstance(module, RefSwitchNorm2d):
-                c = module.weight.shape[1]
-                module.weight.copy_(
-                    torch.rand((1, c, 1, 1), generator=gen) + 0.5)
-                module.bias.copy_(
-                    torch.randn((1, c, 1, 1), generator=gen) * 0.1)
-                module.mean_weight.copy_(
-                    torch.randn(module.mean_weight.shape, generator=gen))
-                module.var_weight.copy_(
-                    torch.randn(module.var_weight.shape, generator=gen))
-                if module.using_bn:
-                    module.running_mean.copy_(
-                        torch.randn((1, c, 1), generator=gen) * 0.2)
-                    module.running_var.copy_(
-                        torch.rand((1, c, 1), generator=gen) + 0.5)
-    return model.eval()
-
-
-def save_authors_checkpoint(model, path, name):
-    torch.save(
-        dict(
-            epoch=100,
-            model=name,
-            state_dict={f'module.{k}': v
-                        for k, v in model.state_dict().items()},
-            best_prec1=torch.tensor(77.49),
-            optimizer=dict(
-                state={},
-                param_groups=[dict(lr=0.0, momentum=0.9, params=[0, 1])])),
-            path)
 
 
 def load_tool():
@@ -233,34 +45,60 @@ def build_from_config(config):
 
 
 CASES = [
-    # (model name, version, depth, using_bn)
-    ('resnetv1sn50', 1, 50, True),
-    ('resnetv2sn50', 2, 50, True),
-    ('resnetv1sn50', 1, 50, False),
+    # (model name, using_bn): the zoo's rows, v2 with its bare shortcut conv
+    ('resnetv1sn50', True),
+    ('resnetv1sn101', True),
+    ('resnetv2sn50', True),
+    ('resnetv2sn101', True),
+    ('resnetv1sn50', False),
 ]
+
+
+def _architecture(name):
+    version, depth = re.fullmatch(r'resnetv(\d)sn(\d+)', name).groups()
+    return int(version), int(depth)
 
 
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
-    """Convert one reference checkpoint per case (shared by the tests)."""
+    """``converted(name, using_bn)`` -> (reference model, source, converted
+    file), each case written and converted once per module."""
     tool = load_tool()
-    out = {}
-    for i, (name, version, depth, using_bn) in enumerate(CASES):
-        folder = tmp_path_factory.mktemp(f'{name}_{using_bn}')
-        ref = randomize(RefResNet(version, depth, using_bn), seed=i)
-        src = str(folder / f'{name}.pth.tar')
-        dst = str(folder / f'{name}_mmpretrain.pth')
-        save_authors_checkpoint(ref, src, name)
-        assert tool.main([src, dst]) == 0
-        out[(name, using_bn)] = (ref, src, dst)
-    return out
+    cache = {}
+
+    def get(name, using_bn):
+        if (name, using_bn) not in cache:
+            folder = tmp_path_factory.mktemp(f'{name}_{using_bn}')
+            version, depth = _architecture(name)
+            ref = randomize(
+                RefResNet(version, depth, using_bn),
+                seed=CASES.index((name, using_bn)))
+            src = str(folder / f'{name}.pth.tar')
+            dst = str(folder / f'{name}_mmpretrain.pth')
+            save_authors_checkpoint(ref, src, name)
+            assert tool.main([src, dst]) == 0
+            cache[(name, using_bn)] = (ref, src, dst)
+        return cache[(name, using_bn)]
+
+    return get
 
 
-@pytest.mark.parametrize('name,version,depth,using_bn', CASES)
-def test_logits_match_reference(converted, name, version, depth, using_bn,
-                                capsys):
-    ref, _, dst = converted[(name, using_bn)]
-    config = osp.join(REPO, suggested_config(version, depth, using_bn))
+def test_reference_v2_shortcut_is_a_bare_conv():
+    """The v2 reference has the authors' layout: ``downsample`` is the conv
+    itself (key ``layerK.0.downsample.weight``); v1's is a Sequential."""
+    v2 = RefResNet(2, 50).state_dict()
+    assert [k for k in v2 if 'downsample' in k] == [
+        f'layer{i}.0.downsample.weight' for i in range(1, 5)
+    ]
+    v1 = RefResNet(1, 50).state_dict()
+    assert 'layer1.0.downsample.0.weight' in v1
+    assert 'layer1.0.downsample.1.mean_weight' in v1
+
+
+@pytest.mark.parametrize('name,using_bn', CASES)
+def test_logits_match_reference(converted, name, using_bn, capsys):
+    ref, _, dst = converted(name, using_bn)
+    config = osp.join(REPO, suggested_config(name, using_bn))
     model = build_from_config(config)
     checkpoint = torch.load(dst, map_location='cpu', weights_only=True)
     incompatible = model.load_state_dict(checkpoint['state_dict'], strict=True)
@@ -272,12 +110,20 @@ def test_logits_match_reference(converted, name, version, depth, using_bn,
     assert meta['converted_from']['using_bn'] == using_bn
     assert meta['converted_from']['epoch'] == 100
     assert meta['converted_from']['best_prec1'] == pytest.approx(77.49)
-    assert meta['config'] == suggested_config(version, depth, using_bn)
+    assert meta['config'] == suggested_config(name, using_bn)
     assert len(meta['dataset_meta']['classes']) == 1000
 
+    version, depth = _architecture(name)
+    assert type(model.backbone).__name__ == (
+        'ResNet' if version == 1 else 'PreActResNet')
+    assert model.backbone.depth == depth
     sn = model.backbone.layer1[0].sn1
     assert tuple(sn.mean_weight.shape) == ((3, ) if using_bn else (2, ))
     assert sn.using_bn == using_bn
+    if version == 2:
+        # the authors' bare shortcut conv landed in downsample.0
+        assert torch.equal(model.backbone.layer3[0].downsample[0].weight,
+                           ref.layer3[0].downsample.weight)
 
     # The authors' evaluation size. Smaller inputs leave IN statistics of
     # 2x2 maps in the last stage, where fp32 rounding of *both* models grows
@@ -288,12 +134,18 @@ def test_logits_match_reference(converted, name, version, depth, using_bn,
     with torch.no_grad():
         expected = ref(x)
         got = model(x, mode='tensor')
+        # In float64 the two agree to rounding: the mapping is exact.
+        diff64 = (model.double()(x.double(), mode='tensor') -
+                  ref.double()(x.double())).abs().max().item()
+    ref.float()
     diff = (got - expected).abs().max().item()
     with capsys.disabled():
         print(f'\n[converter] {name} using_bn={using_bn}: max |logit diff| '
-              f'= {diff:.3g} (logit scale {expected.abs().max():.3g})')
+              f'fp32 {diff:.3g}, fp64 {diff64:.3g} (logit scale '
+              f'{expected.abs().max():.3g})')
     assert got.shape == (1, 1000)
     assert diff <= TOL
+    assert diff64 <= 1e-12
     # Not trivially equal: the logits are spread, not constant.
     assert expected.std() > 0.1
 
@@ -301,8 +153,8 @@ def test_logits_match_reference(converted, name, version, depth, using_bn,
 def test_inferencer_runs_on_converted(converted):
     from mmpretrain.apis import ImageClassificationInferencer
     from mmpretrain.datasets.categories import IMAGENET_CATEGORIES
-    _, _, dst = converted[('resnetv1sn50', True)]
-    config = osp.join(REPO, suggested_config(1, 50, True))
+    _, _, dst = converted('resnetv1sn50', True)
+    config = osp.join(REPO, suggested_config('resnetv1sn50', True))
     inferencer = ImageClassificationInferencer(
         model=config, pretrained=dst, device='cpu')
     image = np.random.default_rng(0).integers(
@@ -325,8 +177,8 @@ def test_test_tool_runs_on_converted(converted, tmp_path):
         Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)) \
             .save(root / 'val' / f'img_{i}.JPEG')
     (root / 'meta' / 'val.txt').write_text('img_0.JPEG 3\nimg_1.JPEG 7\n')
-    _, _, dst = converted[('resnetv1sn50', True)]
-    config = osp.join(REPO, suggested_config(1, 50, True))
+    _, _, dst = converted('resnetv1sn50', True)
+    config = osp.join(REPO, suggested_config('resnetv1sn50', True))
     proc = subprocess.run([
         sys.executable,
         osp.join(REPO, 'tools', 'test.py'), config, dst, '--work-dir',
@@ -348,82 +200,244 @@ def test_test_tool_runs_on_converted(converted, tmp_path):
     assert preds[0]['pred_score'].shape == (1000, )
 
 
-def _tamper_and_convert(tmp_path, src, edit, capsys, extra_args=()):
+# -- bad input: one table, the exact message of each --------------------------
+KNOWN = 'resnetv1sn101, resnetv1sn50, resnetv2sn101, resnetv2sn50'
+
+
+def _set(key, value):
+
+    def edit(ckpt):
+        ckpt['state_dict'][key] = value
+
+    return edit
+
+
+def _delete(*keys):
+
+    def edit(ckpt):
+        for key in keys:
+            del ckpt['state_dict'][key]
+
+    return edit
+
+
+def _set_top(key, value):
+
+    def edit(ckpt):
+        if value is None:
+            del ckpt[key]
+        else:
+            ckpt[key] = value
+
+    return edit
+
+
+def _fc_classes(n):
+
+    def edit(ckpt):
+        ckpt['state_dict']['module.fc.weight'] = torch.zeros(n, 2048)
+        ckpt['state_dict']['module.fc.bias'] = torch.zeros(n)
+
+    return edit
+
+
+def _two_logits_in_stem(ckpt):
+    ckpt['state_dict']['module.sn1.mean_weight'] = torch.ones(2)
+    ckpt['state_dict']['module.sn1.var_weight'] = torch.ones(2)
+
+
+def _no_importance(ckpt):
+    ckpt['state_dict'] = {
+        k: v
+        for k, v in ckpt['state_dict'].items()
+        if not k.endswith(('mean_weight', 'var_weight'))
+    }
+
+
+def _v2_shortcut_in_a_sequential(ckpt):
+    # the layout of the stand-in model older tests used, not the authors'
+    sd = ckpt['state_dict']
+    for i in range(1, 5):
+        sd[f'module.layer{i}.0.downsample.0.weight'] = sd.pop(
+            f'module.layer{i}.0.downsample.weight')
+
+
+def _replace_file(obj):
+
+    def write(path):
+        torch.save(obj, path)
+
+    return write
+
+
+class _Pickled:
+    pass
+
+
+# (id, source case, edit of the checkpoint dict, exact message)
+BAD_CHECKPOINTS = [
+    ('unknown key', ('resnetv1sn50', True),
+     _set('module.layer1.0.extra.weight', torch.zeros(3)),
+     'unknown keys (no place in the target model): '
+     'module.layer1.0.extra.weight'),
+    ('missing conv', ('resnetv1sn50', True),
+     _delete('module.layer2.1.conv2.weight'),
+     'keys the target model needs but the source lacks: '
+     'module.layer2.1.conv2.weight'),
+    # only the missing tensor, not the layer's others as shape mismatches
+    ('missing mean_weight', ('resnetv1sn50', True),
+     _delete('module.layer1.0.sn1.mean_weight'),
+     'keys the target model needs but the source lacks: '
+     'module.layer1.0.sn1.mean_weight'),
+    ('missing running_var', ('resnetv1sn50', True),
+     _delete('module.layer3.2.sn2.running_var'),
+     'keys the target model needs but the source lacks: '
+     'module.layer3.2.sn2.running_var'),
+    ('missing v2 shortcut', ('resnetv2sn50', True),
+     _delete('module.layer2.0.downsample.weight'),
+     'keys the target model needs but the source lacks: '
+     'module.layer2.0.downsample.weight'),
+    ('running stats without BN branch', ('resnetv1sn50', False),
+     _set('module.sn1.running_mean', torch.zeros(1, 64, 1)),
+     'unknown keys (no place in the target model): module.sn1.running_mean'),
+    ('SN channels', ('resnetv1sn50', True),
+     _set('module.sn1.weight', torch.ones(1, 32, 1, 1)),
+     'shape mismatches: module.sn1.weight has shape (1, 32, 1, 1) but '
+     'backbone.sn1.weight needs (64,)'),
+    ('classes', ('resnetv1sn50', True), _fc_classes(10),
+     'shape mismatches: module.fc.weight has shape (10, 2048) but '
+     'head.fc.weight needs (1000, 2048); module.fc.bias has shape (10,) but '
+     'head.fc.bias needs (1000,)'),
+    ('not a tensor', ('resnetv1sn50', True), _set('module.fc.bias', 3),
+     'values that are not tensors: module.fc.bias (int)'),
+    ('mixed branches', ('resnetv1sn50', True), _two_logits_in_stem,
+     'SN importance logits must all have shape (3,) (with BN branch) or all '
+     '(2,) (without); found shapes [(2,), (3,)]'),
+    ('no SN layer', ('resnetv1sn50', True), _no_importance,
+     'No SN layer (key ending in ".mean_weight" or ".var_weight") found: '
+     'this is not a checkpoint of the Switchable Normalization zoo'),
+    ('unknown model', ('resnetv1sn50', True),
+     _set_top('model', 'resnetv1sn18'),
+     f"Unknown model 'resnetv1sn18'; this converter knows {KNOWN} (pass "
+     '--model to name the architecture of a checkpoint without a "model" '
+     'entry)'),
+    ('no model entry', ('resnetv1sn50', True), _set_top('model', None),
+     f'{{src}} has no "model" entry: pass --model, one of {KNOWN}'),
+    ('no state_dict', ('resnetv1sn50', True), _set_top('state_dict', None),
+     '{src} has no "state_dict" dict (top-level keys: [\'best_prec1\', '
+     '\'epoch\', \'model\', \'optimizer\'])'),
+    ('v2 shortcut as Sequential', ('resnetv2sn50', True),
+     _v2_shortcut_in_a_sequential,
+     'unknown keys (no place in the target model): ' + ', '.join(
+         f'module.layer{i}.0.downsample.0.weight' for i in range(1, 5)) +
+     '\nkeys the target model needs but the source lacks: ' + ', '.join(
+         f'module.layer{i}.0.downsample.weight' for i in range(1, 5))),
+]
+
+WRONG_ARCHITECTURE = (
+    'unknown keys (no place in the target model): '
+    'module.layer1.0.downsample.weight, module.layer2.0.downsample.weight, '
+    'module.layer3.0.downsample.weight, module.layer4.0.downsample.weight, '
+    'module.sn_out.weight, module.sn_out.bias, and 4 more\n'
+    'keys the target model needs but the source lacks: '
+    'module.layer1.0.downsample.0.weight, '
+    'module.layer1.0.downsample.1.weight, '
+    'module.layer1.0.downsample.1.bias, '
+    'module.layer1.0.downsample.1.mean_weight, '
+    'module.layer1.0.downsample.1.var_weight, '
+    'module.layer1.0.downsample.1.running_mean, and 22 more\n'
+    'shape mismatches: '
+    'module.layer1.0.sn3.weight has shape (1, 64, 1, 1) but '
+    'backbone.layer1.0.sn3.weight needs (256,); '
+    'module.layer1.0.sn3.bias has shape (1, 64, 1, 1) but '
+    'backbone.layer1.0.sn3.bias needs (256,); '
+    'module.layer1.0.sn3.running_mean has shape (1, 64, 1) but '
+    'backbone.layer1.0.sn3.running_mean needs (256,); '
+    'module.layer1.0.sn3.running_var has shape (1, 64, 1) but '
+    'backbone.layer1.0.sn3.running_var needs (256,); '
+    'module.layer1.1.sn1.weight has shape (1, 256, 1, 1) but '
+    'backbone.layer1.1.sn1.weight needs (64,); '
+    'module.layer1.1.sn1.bias has shape (1, 256, 1, 1) but '
+    'backbone.layer1.1.sn1.bias needs (64,); and 118 more\n'
+    '(checked against resnetv1sn50 with using_bn=True, as --model says)')
+
+
+def test_wrong_architecture_is_refused(converted, tmp_path, capsys):
+    """A v2 checkpoint converted as v1: the lists are cut after six names
+    and the last line says which layout was assumed."""
+    _, src, _ = converted('resnetv2sn50', True)
+    got = _run_tool(src, tmp_path / 'out.pth', capsys,
+                    ['--model', 'resnetv1sn50'])
+    assert got == WRONG_ARCHITECTURE
+
+
+# (id, what the source file holds, exact message or a pattern)
+BAD_FILES = [
+    ('not a dict', _replace_file([1, 2]),
+     '{src} holds a list, expected a dict with "state_dict" and "model"'),
+    ('pickled object', _replace_file({'state_dict': _Pickled()}),
+     re.compile(r'Cannot read \S+ as a PyTorch checkpoint of tensors and '
+                r'plain values: Weights only load failed')),
+    ('not a file', None, "[Errno 2] No such file or directory: '{src}'"),
+]
+
+
+def _run_tool(src, dst, capsys, extra_args=()):
+    code = load_tool().main([src, str(dst), *extra_args])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert not dst.exists(), 'nothing may be written on error'
+    assert not list(dst.parent.glob('*.tmp'))
+    prefix, suffix = 'error: ', f'\nNothing was written to {dst}.\n'
+    assert err.startswith(prefix) and err.endswith(suffix), err
+    return err[len(prefix):-len(suffix)]
+
+
+@pytest.mark.parametrize(
+    'case,edit,message', [c[1:] for c in BAD_CHECKPOINTS],
+    ids=[c[0] for c in BAD_CHECKPOINTS])
+def test_bad_checkpoint_is_refused_with_its_message(converted, tmp_path,
+                                                    capsys, case, edit,
+                                                    message):
+    _, src, _ = converted(*case)
     checkpoint = torch.load(src, map_location='cpu', weights_only=True)
     edit(checkpoint)
     bad = str(tmp_path / 'bad.pth.tar')
     torch.save(checkpoint, bad)
+    if message.startswith(('unknown keys', 'keys the', 'shape', 'values')):
+        message += (f'\n(checked against {case[0]} with using_bn={case[1]}, '
+                    'as its model entry says)')
+    assert _run_tool(bad, tmp_path / 'out.pth', capsys) == message.format(
+        src=bad)
+
+
+@pytest.mark.parametrize(
+    'write,message', [c[1:] for c in BAD_FILES],
+    ids=[c[0] for c in BAD_FILES])
+def test_bad_file_is_refused_with_its_message(tmp_path, capsys, write,
+                                              message):
+    src = str(tmp_path / 'bad.pth.tar')
+    if write is not None:
+        write(src)
+    got = _run_tool(src, tmp_path / 'out.pth', capsys)
+    if isinstance(message, str):
+        assert got == message.format(src=src)
+    else:
+        assert message.match(got), got
+
+
+def test_failed_conversion_leaves_an_existing_destination(
+        converted, tmp_path, capsys):
+    _, src, _ = converted('resnetv1sn50', True)
+    checkpoint = torch.load(src, map_location='cpu', weights_only=True)
+    del checkpoint['state_dict']['module.fc.bias']
+    bad = str(tmp_path / 'bad.pth.tar')
+    torch.save(checkpoint, bad)
     dst = tmp_path / 'out.pth'
-    code = load_tool().main([bad, str(dst), *extra_args])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert not dst.exists(), 'nothing may be written on error'
+    dst.write_bytes(b'previous')
+    assert load_tool().main([bad, str(dst)]) == 1
+    assert dst.read_bytes() == b'previous'
     assert not list(tmp_path.glob('*.tmp'))
-    return err
-
-
-def test_unknown_key_is_refused(converted, tmp_path, capsys):
-    _, src, _ = converted[('resnetv1sn50', True)]
-
-    def edit(ckpt):
-        ckpt['state_dict']['module.layer1.0.extra.weight'] = torch.zeros(3)
-
-    err = _tamper_and_convert(tmp_path, src, edit, capsys)
-    assert 'unknown keys' in err and 'module.layer1.0.extra.weight' in err
-
-
-def test_missing_key_is_refused(converted, tmp_path, capsys):
-    _, src, _ = converted[('resnetv1sn50', True)]
-
-    def edit(ckpt):
-        del ckpt['state_dict']['module.layer2.1.conv2.weight']
-
-    err = _tamper_and_convert(tmp_path, src, edit, capsys)
-    assert 'backbone.layer2.1.conv2.weight' in err
-
-
-def test_shape_mismatch_is_refused(converted, tmp_path, capsys):
-    _, src, _ = converted[('resnetv1sn50', True)]
-
-    def edit(ckpt):
-        ckpt['state_dict']['module.fc.weight'] = torch.zeros(10, 2048)
-        ckpt['state_dict']['module.fc.bias'] = torch.zeros(10)
-
-    err = _tamper_and_convert(tmp_path, src, edit, capsys)
-    assert 'shape mismatches' in err and 'module.fc.weight' in err
-
-
-def test_unknown_model_is_refused(converted, tmp_path, capsys):
-    _, src, _ = converted[('resnetv1sn50', True)]
-
-    def edit(ckpt):
-        ckpt['model'] = 'resnetv1sn18'
-
-    err = _tamper_and_convert(tmp_path, src, edit, capsys)
-    assert "Unknown model 'resnetv1sn18'" in err
-
-
-def test_wrong_architecture_is_refused(converted, tmp_path, capsys):
-    # A v2 state dict labelled as v1 has the wrong keys for ResNet.
-    _, src, _ = converted[('resnetv2sn50', True)]
-
-    def edit(ckpt):
-        ckpt['model'] = 'resnetv1sn50'
-
-    err = _tamper_and_convert(tmp_path, src, edit, capsys)
-    assert 'sn_out' in err
-
-
-def test_mixed_branches_are_refused(converted, tmp_path, capsys):
-    _, src, _ = converted[('resnetv1sn50', True)]
-
-    def edit(ckpt):
-        sd = ckpt['state_dict']
-        sd['module.sn1.mean_weight'] = torch.ones(2)
-        sd['module.sn1.var_weight'] = torch.ones(2)
-
-    err = _tamper_and_convert(tmp_path, src, edit, capsys)
-    assert 'importance logits' in err
 
 
 def test_cli_reports_error(tmp_path):

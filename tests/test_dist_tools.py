@@ -93,8 +93,9 @@ def _options(data_root, *extra):
 
 
 def _load(path):
-    import mmsn  # noqa: F401  (allowlists mmengine's checkpoint types)
-    return torch.load(path, map_location='cpu')
+    from mmsn.utils import mmengine_checkpoint_globals
+    with mmengine_checkpoint_globals():  # mmengine's message hub types
+        return torch.load(path, map_location='cpu')
 
 
 def _val_top1(log_text):

@@ -10,6 +10,7 @@ installs; when they are missing the tests fail, they are never skipped.
 import glob
 import logging
 import os.path as osp
+import re
 
 import numpy as np
 import pytest
@@ -35,6 +36,21 @@ from mmengine.utils import import_modules_from_strings  # noqa: E402
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'mmdet', '*.py')))
 SEG_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'mmseg', '*.py')))
+
+
+# What the README's converter command writes (the authors' resnetv1sn50).
+CONVERTED_R50 = 'checkpoints/resnet50_sn_8xb32.pth'
+
+
+def test_configs_name_only_weights_a_user_can_obtain():
+    """Every checkpoint a downstream config loads is the one the README's
+    converter command writes (no config names weights nobody publishes)."""
+    readme = open(osp.join(ROOT, 'README.md')).read()
+    assert re.search(r'sn_to_mmpretrain\.py \S+ ' + re.escape(CONVERTED_R50),
+                     readme)
+    for path in DET_CONFIGS + SEG_CONFIGS:
+        backbone = Config.fromfile(path).model.backbone
+        assert backbone.init_cfg.checkpoint == CONVERTED_R50, path
 
 
 def _name(path):
@@ -146,6 +162,7 @@ def test_detector_trains_and_predicts(path):
     assert model_cfg.roi_head.bbox_head.type == 'Shared4Conv1FCBBoxHead'
     init = model_cfg.backbone.init_cfg
     assert init.type == 'Pretrained' and init.prefix == 'backbone.'
+    assert init.checkpoint == CONVERTED_R50
     is_mask = 'mask_head' in model_cfg.roi_head
     if is_mask:
         assert model_cfg.roi_head.mask_head.norm_cfg.type == 'SN'
@@ -242,20 +259,21 @@ def test_segmentor_trains_and_predicts(path):
     cfg = load_config(path)
     model_cfg = cfg.model
     assert model_cfg.pretrained is None
-    assert model_cfg.backbone.type == (
-        'ResNet' if 'r50b-d8' in path else 'ResNetV1c')
+    # the 7x7 stem of the ImageNet SN checkpoints that exist
+    assert model_cfg.backbone.type == 'ResNet'
     assert model_cfg.backbone.dilations == (1, 1, 2, 4)
     assert model_cfg.backbone.strides == (1, 2, 1, 1)
     for part in ('backbone', 'decode_head', 'auxiliary_head'):
         assert model_cfg[part].norm_cfg.type == 'SN'
     init = model_cfg.backbone.init_cfg
     assert init.type == 'Pretrained' and init.prefix == 'backbone.'
+    assert init.checkpoint == CONVERTED_R50
     num_classes = 150 if 'ade20k' in path else 19
     assert model_cfg.decode_head.num_classes == num_classes
 
     model = small_seg_model(cfg)
     assert type(model).__name__ == 'EncoderDecoder'
-    assert model.backbone.deep_stem is ('r50b-d8' not in path)
+    assert not model.backbone.deep_stem
     data = seg_batch(num_classes=num_classes)
     steps = train_one_iteration(model, cfg, data)
     loss, log_vars = next(steps)
@@ -321,7 +339,7 @@ def test_pspnet_pyramid_pooling_1x1_is_finite():
     """PSPNet's pyramid pooling (scale 1) feeds N x C x 1 x 1 maps to SN: the
     loss is finite with mmsn's SN and NaN with the authors' numerics."""
     path = osp.join(ROOT, 'configs', 'mmseg',
-                    'pspnet_r50-d8-sn_4xb2-80k_cityscapes-512x1024.py')
+                    'pspnet_r50b-d8-sn_4xb2-80k_cityscapes-512x1024.py')
     cfg = load_config(path)
     assert 1 in cfg.model.decode_head.pool_scales
     model = small_seg_model(cfg)

@@ -28,7 +28,8 @@ def _authors_resnetv2sn_keys(stage_blocks=(3, 4, 6, 3)):
             for k in (1, 2, 3):
                 keys.add(f'{pre}.conv{k}.weight')
                 keys |= {f'{pre}.sn{k}.{p}' for p in sn}
-        keys.add(f'layer{i}.0.downsample.0.weight')
+        # a bare nn.Conv2d in the authors' model, no Sequential index
+        keys.add(f'layer{i}.0.downsample.weight')
     keys |= {f'sn_out.{p}' for p in sn}
     return keys
 
@@ -45,13 +46,22 @@ def test_registered_in_mmpretrain_and_depths():
         _build(depth=20)
 
 
-def test_sn_names_match_authors_resnetv2sn50():
+def test_sn_names_map_onto_authors_resnetv2sn50():
+    """Every name is the authors' except the shortcut conv, which is
+    ``downsample.0`` here (a Sequential, as in mmpretrain's ResNets); the
+    converter's renames for resnetv2sn50 map exactly that one."""
+    from mmsn.converters import KNOWN_MODELS, authors_name
+    renames = KNOWN_MODELS['resnetv2sn50'].renames
     model = _build(depth=50)
     keys = {
         k
         for k in model.state_dict() if not k.endswith('num_batches_tracked')
     }
-    assert keys == _authors_resnetv2sn_keys()
+    assert {authors_name('backbone.' + k, renames)
+            for k in keys} == _authors_resnetv2sn_keys()
+    assert {authors_name('backbone.' + k, renames)
+            for k in keys} - keys == {
+                f'layer{i}.0.downsample.weight' for i in range(1, 5)}
     # The shortcut is a bare conv: no norm in downsample.
     assert len(model.layer2[0].downsample) == 1
     assert isinstance(model.layer2[0].downsample[0], nn.Conv2d)

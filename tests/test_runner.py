@@ -6,8 +6,9 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.runner import Runner, load_checkpoint
+from mmengine.runner.checkpoint import CheckpointLoader
 
-import mmsn  # noqa: F401  (registers SN; allowlists checkpoint types)
+import mmsn  # noqa: F401  (registers SN; mmengine's checkpoint types)
 from _data import make_image_folder
 from mmsn.engine.hooks.batch_average_hook import fill_batch_average
 from sn_reference import batch_stats
@@ -87,8 +88,13 @@ def test_resnet50_sn_trains_saves_and_resumes(tmp_path, image_folder):
         not torch.allclose(m.mean_weight, torch.ones(3)) for m in sn_layers)
     assert importance_moved
 
-    # mmengine's own loader, weights_only=True (torch's default) kept
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    # weights_only=True (torch's default) kept: mmengine's message hub is
+    # allowed inside mmsn's context (which mmengine's loader runs in), and
+    # refused by a plain torch.load.
+    with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer'):
+        torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    with mmsn.utils.mmengine_checkpoint_globals():
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     assert ckpt['meta']['iter'] == 2
     assert 'backbone.sn1.mean_weight' in ckpt['state_dict']
 
@@ -194,9 +200,13 @@ def test_getattr_is_allowed_only_for_history_buffer_methods(tmp_path):
         def __reduce__(self):
             return (getattr, (HistoryBuffer, 'mean'))
 
-    path = tmp_path / 'getattr.pth'
+    path = str(tmp_path / 'getattr.pth')
     torch.save({'meta': {'f': SneakyGetattr()}}, path)
+    with pytest.raises(pickle.UnpicklingError, match='refusing getattr'):
+        CheckpointLoader.load_checkpoint(path)
+    torch.save({'meta': {'f': MethodRef()}}, path)
+    loaded = CheckpointLoader.load_checkpoint(path)
+    assert loaded['meta']['f'] is HistoryBuffer.mean
+    # outside mmengine's loader nothing is allowed
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path)
-    torch.save({'meta': {'f': MethodRef()}}, path)
-    assert torch.load(path)['meta']['f'] is HistoryBuffer.mean

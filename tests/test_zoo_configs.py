@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch import nn
 from mmengine.config import Config
 from mmengine.logging import MMLogger
 from mmengine.optim import build_optim_wrapper
@@ -28,10 +29,12 @@ from _zoo_data import (CONFIGS, REPO, make_imagenet_folder,
 # name: (backbone, depth, norm, per-GPU batch, GPUs, lr, epochs, schedule,
 #        using_bn, zero_init_residual a.k.a. last_gamma)
 ZOO = {
+    # last_gamma in every v1 row, cosine ones included (the authors'
+    # resnetv1sn50/101 cosine configs set it); not in the v2 rows.
     'resnet50_sn_8xb32': ('ResNet', 50, 'SN', 32, 8, 0.1, 120, 'cos', True,
-                          False),
+                          True),
     'resnet101_sn_8xb32': ('ResNet', 101, 'SN', 32, 8, 0.1, 120, 'cos',
-                           True, False),
+                           True, True),
     'resnet50v2_sn_8xb32': ('PreActResNet', 50, 'SN', 32, 8, 0.1, 120, 'cos',
                             True, False),
     'resnet101v2_sn_8xb32': ('PreActResNet', 101, 'SN', 32, 8, 0.1, 120,
@@ -160,6 +163,22 @@ def test_recipe(path):
     assert cfg.val_evaluator.topk == (1, 5)
 
 
+def _last_and_other_norms(backbone):
+    """(the last norm of every residual block, all other norms)."""
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+    last = []
+    for module in backbone.modules():
+        if hasattr(module, 'downsample') and hasattr(module, 'norm2'):
+            last.append(
+                module.norm3 if hasattr(module, 'norm3') else module.norm2)
+    last_ids = {id(m) for m in last}
+    others = [
+        m for m in backbone.modules()
+        if isinstance(m, norm_types) and id(m) not in last_ids
+    ]
+    return last, others
+
+
 @pytest.fixture(scope='module')
 def tiny_imagenet(tmp_path_factory):
     # A quiet current logger: init_weights otherwise logs every parameter.
@@ -201,10 +220,17 @@ def test_one_train_iteration(path, tiny_imagenet):
     batch = next(iter(loader))
     assert batch['inputs'][0].shape[-2:] == (64, 64)
     fc_before = model.head.fc.weight.detach().clone()
-    # last_gamma: the last norm of each block starts with gamma 0.
-    block = model.backbone.layer1[0]
-    last_norm = getattr(block, 'last_norm', None) or block.norm3
-    assert bool((last_norm.weight == 0).all()) is ZOO[_key(path)][9]
+    # last_gamma: the last norm of each block starts at gamma 0 (and beta
+    # 0); every other norm, the shortcut's included, at gamma 1.
+    last, others = _last_and_other_norms(model.backbone)
+    assert len(last) == sum(model.backbone.stage_blocks)
+    zero_init = ZOO[_key(path)][9]
+    for norm in last:
+        assert torch.all(norm.weight == (0. if zero_init else 1.))
+        assert torch.all(norm.bias == 0)
+    assert len(others) > 2 * len(last)
+    for norm in others:
+        assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
 
     # The optimizer clears the gradients after its step: record them.
     importance_grads = {}

@@ -6,176 +6,234 @@ The authors' zoo (switchablenorms/Switchable-Normalization) saves a dict with
 ``module.`` prefix of the distributed wrapper; SN's gamma/beta have shape
 (1, C, 1, 1) and its BN running statistics (1, C, 1).
 
-Below the prefix, the backbone names already match mmpretrain's ``ResNet``
-(v1) and mmsn's ``PreActResNet`` (v2) built with ``norm_cfg=dict(type='SN')``
-(``conv1``, ``sn1``, ``layer1.0.sn2``, ``layer1.0.downsample.0``, ``sn_out``);
-so the conversion is: drop ``module.``, put the backbone under
-``backbone.`` and ``fc`` under ``head.fc``, flatten the SN tensors to (C,),
-and add the ``num_batches_tracked`` counter that the authors' layer lacks.
-Every key and shape is checked against the model that the target config
-builds before anything is written.
+The conversion is driven by the target model: every key of the model that
+the target config builds is looked up in the source under its authors'
+name (``backbone.X`` and ``head.fc.X`` are ``module.X`` and ``module.fc.X``,
+after the per-model renames of :class:`ZooModel`), SN tensors are flattened
+to (C,), and the ``num_batches_tracked`` counters that the authors' layer
+lacks are added. Source keys that nothing asked for, keys the model needs
+that the source lacks, and shapes that differ are all reported together,
+each under its own name, before anything is written.
 """
 import os
 import os.path as osp
+import re
 import tempfile
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-# Architecture of each model name of the authors' zoo.
-KNOWN_MODELS = {
-    'resnetv1sn50': dict(version=1, depth=50),
-    'resnetv1sn101': dict(version=1, depth=101),
-    'resnetv2sn50': dict(version=2, depth=50),
-    'resnetv2sn101': dict(version=2, depth=101),
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A model of the authors' zoo and the mmpretrain model it converts to.
+
+    Args:
+        backbone (dict): mmpretrain backbone config, without ``norm_cfg``.
+        configs (dict): ``using_bn`` -> the config of ``configs/`` that loads
+            the converted checkpoint.
+        renames (tuple): ``(pattern, replacement)`` pairs (``re.sub``) from
+            a target name below ``backbone.`` to the authors' name below
+            ``module.``, for the few modules named differently.
+        norm_type (str): Registered type of the norm layers.
+            Defaults to ``'SN'``.
+    """
+    backbone: dict
+    configs: Dict[bool, str] = field(default_factory=dict)
+    renames: Tuple[Tuple[str, str], ...] = ()
+    norm_type: str = 'SN'
+
+
+# The authors' v2 shortcut is a bare ``nn.Conv2d`` (``layerK.0.downsample``);
+# PreActResNet wraps it in a Sequential, as mmpretrain's ResNets do.
+_V2_SHORTCUT = ((r'^(layer\d+\.\d+\.downsample)\.0\.', r'\1.'), )
+
+KNOWN_MODELS: Dict[str, ZooModel] = {
+    'resnetv1sn50':
+    ZooModel(
+        dict(type='ResNet', depth=50), {
+            True: 'configs/resnet50_sn_8xb32.py',
+            False: 'configs/resnet50_sn_8xb1.py'
+        }),
+    'resnetv1sn101':
+    ZooModel(
+        dict(type='ResNet', depth=101),
+        {True: 'configs/resnet101_sn_8xb32.py'}),
+    'resnetv2sn50':
+    ZooModel(
+        dict(type='PreActResNet', depth=50),
+        {True: 'configs/resnet50v2_sn_8xb32.py'},
+        renames=_V2_SHORTCUT),
+    'resnetv2sn101':
+    ZooModel(
+        dict(type='PreActResNet', depth=101),
+        {True: 'configs/resnet101v2_sn_8xb32.py'},
+        renames=_V2_SHORTCUT),
 }
 
-# The configs of ``configs/`` that load each converted checkpoint, keyed by
-# (version, depth, using_bn).
-SUGGESTED_CONFIGS = {
-    (1, 50, True): 'configs/resnet50_sn_8xb32.py',
-    (1, 101, True): 'configs/resnet101_sn_8xb32.py',
-    (2, 50, True): 'configs/resnet50v2_sn_8xb32.py',
-    (2, 101, True): 'configs/resnet101v2_sn_8xb32.py',
-    (1, 50, False): 'configs/resnet50_sn_8xb1.py',
-}
-
-_SN_TENSORS = ('weight', 'bias', 'mean_weight', 'var_weight', 'running_mean',
-               'running_var')
 _PREFIX = 'module.'
+# Longer lists are cut in the error message.
+_MAX_LISTED = 6
 
 
 class ConversionError(ValueError):
     """The source checkpoint does not match the layout that is converted."""
 
 
-def _sn_layers(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Size]:
-    """Names of the SN layers (by their importance logits) and their shape.
-    """
-    return {
-        key[:-len('.mean_weight')]: value.shape
-        for key, value in state_dict.items() if key.endswith('.mean_weight')
-    }
-
-
-def detect_using_bn(state_dict: Dict[str, torch.Tensor]) -> bool:
+def detect_using_bn(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """Whether the SN layers of an authors' state dict have a BN branch.
 
-    Three importance logits and running statistics mean [IN, LN, BN]; two
-    and no running statistics mean [IN, LN] (``using_bn=False``). A mixture
-    is refused.
+    Three importance logits per vector mean [IN, LN, BN]; two mean [IN, LN]
+    (``using_bn=False``). A mixture is refused. Whether the running
+    statistics are there is checked with the other keys.
     """
-    layers = _sn_layers(state_dict)
-    if not layers:
+    lengths = {
+        tuple(value.shape)
+        for key, value in state_dict.items()
+        if key.endswith(('.mean_weight', '.var_weight'))
+    }
+    if not lengths:
         raise ConversionError(
-            'No SN layer (key ending in ".mean_weight") found: this is not a '
-            'checkpoint of the Switchable Normalization zoo')
-    lengths = {tuple(shape) for shape in layers.values()}
+            'No SN layer (key ending in ".mean_weight" or ".var_weight") '
+            'found: this is not a checkpoint of the Switchable '
+            'Normalization zoo')
     if lengths == {(3, )}:
-        using_bn = True
-    elif lengths == {(2, )}:
-        using_bn = False
-    else:
-        raise ConversionError(
-            f'SN importance logits must all have shape (3,) (with BN branch) '
-            f'or all (2,) (without); found shapes {sorted(lengths)}')
-    for layer in layers:
-        has_running = f'{layer}.running_mean' in state_dict
-        if has_running != using_bn:
-            raise ConversionError(
-                f'SN layer {layer!r} has {3 if using_bn else 2} importance '
-                f'logits but {"no " if not has_running else ""}running '
-                f'statistics')
-    return using_bn
+        return True
+    if lengths == {(2, )}:
+        return False
+    raise ConversionError(
+        f'SN importance logits must all have shape (3,) (with BN branch) or '
+        f'all (2,) (without); found shapes {sorted(lengths)}')
 
 
-def expected_model_cfg(version: int, depth: int, using_bn: bool,
+def expected_model_cfg(model: str, using_bn: bool,
                        num_classes: int = 1000) -> dict:
-    """mmpretrain model config of the authors' ``resnetv{version}sn{depth}``.
-
-    It has the same state-dict keys as the zoo configs in ``configs/``, so
-    the conversion can be checked without them.
-    """
-    backbone_type = 'ResNet' if version == 1 else 'PreActResNet'
+    """mmpretrain model config of the authors' ``model`` (e.g.
+    ``'resnetv2sn50'``), with the parameter names of the configs in
+    ``configs/``, so the conversion can be checked without them."""
+    arch = _zoo_model(model)
+    backbone = dict(
+        arch.backbone,
+        norm_cfg=dict(type=arch.norm_type, using_bn=using_bn))
     return dict(
         type='ImageClassifier',
-        backbone=dict(
-            type=backbone_type,
-            depth=depth,
-            norm_cfg=dict(type='SN', using_bn=using_bn)),
+        backbone=backbone,
         neck=dict(type='GlobalAveragePooling'),
         head=dict(
             type='LinearClsHead', num_classes=num_classes, in_channels=2048))
 
 
-def suggested_config(version: int, depth: int,
-                     using_bn: bool) -> Optional[str]:
+def suggested_config(model: str, using_bn: bool) -> Optional[str]:
     """Path (relative to the repository root) of the matching config."""
-    return SUGGESTED_CONFIGS.get((version, depth, using_bn))
+    return _zoo_model(model).configs.get(using_bn)
 
 
-def _target_name(key: str) -> str:
-    if key.startswith('fc.'):
-        return 'head.' + key
-    return 'backbone.' + key
+def _zoo_model(model: Optional[str]) -> ZooModel:
+    if model not in KNOWN_MODELS:
+        raise ConversionError(
+            f'Unknown model {model!r}; this converter knows '
+            f'{", ".join(sorted(KNOWN_MODELS))} (pass --model to name the '
+            f'architecture of a checkpoint without a "model" entry)')
+    return KNOWN_MODELS[model]
 
 
-def convert_state_dict(state_dict: Dict[str, torch.Tensor]) -> OrderedDict:
-    """Rename and reshape an authors' state dict (no checking of the keys).
+def authors_name(target_key: str,
+                 renames: Tuple[Tuple[str, str], ...] = ()) -> Optional[str]:
+    """The authors' name (without ``module.``) of an mmpretrain key, or None
+    for a key that has no counterpart in their checkpoints."""
+    for part in ('backbone.', 'head.'):
+        if target_key.startswith(part):
+            name = target_key[len(part):]
+            break
+    else:
+        return None
+    if part == 'backbone.':
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _listing(items: List[str], sep: str = ', ') -> str:
+    shown = sep.join(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        shown += f'{sep}and {len(items) - _MAX_LISTED} more'
+    return shown
+
+
+def convert_state_dict(
+        state_dict: Mapping[str, torch.Tensor],
+        expected: Mapping[str, torch.Tensor],
+        renames: Tuple[Tuple[str, str], ...] = ()) -> OrderedDict:
+    """Map an authors' state dict onto the keys and shapes of ``expected``.
 
     Args:
         state_dict (dict): The authors' ``state_dict``, with or without the
             ``module.`` prefix.
+        expected (dict): State dict of the target mmpretrain model (only
+            its keys and shapes are used).
+        renames (tuple): See :class:`ZooModel`.
 
     Returns:
-        OrderedDict: mmpretrain keys (``backbone.*``, ``head.fc.*``) to
-        tensors; SN tensors flattened to (C,) and a ``num_batches_tracked``
-        counter (0) added for every SN layer with running statistics.
+        OrderedDict: The keys of ``expected`` with the source's tensors, SN
+        tensors flattened from (1, C, 1, 1) / (1, C, 1) to (C,), and a
+        ``num_batches_tracked`` counter of 0 for every layer that has one.
+
+    Raises:
+        ConversionError: Listing, under the source's names, every source key
+            without a place in the model, every key the model needs that the
+            source lacks, and every shape that differs.
     """
-    sn_layers = set(_sn_layers(state_dict))
+    prefix = _PREFIX if any(k.startswith(_PREFIX)
+                            for k in state_dict) else ''
+    by_name = {
+        key[len(_PREFIX):] if key.startswith(_PREFIX) else key: key
+        for key in state_dict
+    }
     converted = OrderedDict()
-    for key, value in state_dict.items():
-        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        layer, _, attr = key.rpartition('.')
-        if layer in sn_layers and attr in _SN_TENSORS and \
-                sum(size != 1 for size in value.shape) <= 1:
-            # (1, C, 1, 1) gamma/beta and (1, C, 1) running stats -> (C,);
-            # anything else keeps its shape and fails the check.
-            value = value.reshape(-1)
-        converted[_target_name(name)] = value
-        if layer in sn_layers and attr == 'running_var':
-            counter = _target_name(
-                name[:-len('running_var')] + 'num_batches_tracked')
+    used, missing, not_tensors, mismatched = set(), [], [], []
+    for key, target in expected.items():
+        if key.endswith('.num_batches_tracked'):
             # The authors' layer does not count batches; with a fixed
             # momentum the counter is not used.
-            converted[counter] = torch.tensor(0, dtype=torch.long)
-    return converted
+            converted[key] = torch.zeros_like(target)
+            continue
+        name = authors_name(key, renames)
+        if name not in by_name:
+            missing.append(f'{prefix}{name or key}')
+            continue
+        used.add(name)
+        source_key = by_name[name]
+        value = state_dict[source_key]
+        if not isinstance(value, torch.Tensor):
+            not_tensors.append(f'{source_key} ({type(value).__name__})')
+            continue
+        if value.shape != target.shape and target.dim() == 1 and \
+                [s for s in value.shape if s != 1] == list(target.shape):
+            value = value.reshape(target.shape)  # (1, C, 1, 1) -> (C,)
+        if value.shape != target.shape:
+            mismatched.append(f'{source_key} has shape {tuple(value.shape)} '
+                              f'but {key} needs {tuple(target.shape)}')
+            continue
+        converted[key] = value
+    unknown = [key for name, key in by_name.items() if name not in used]
 
-
-def check_against_model(converted: Dict[str, torch.Tensor],
-                        expected: Dict[str, torch.Tensor],
-                        source_names: Dict[str, str]) -> None:
-    """Raise :class:`ConversionError` unless keys and shapes match exactly.
-    """
-    unknown = [k for k in converted if k not in expected]
-    missing = [k for k in expected if k not in converted]
-    mismatched = [
-        f'{source_names.get(k, k)} gives shape {tuple(v.shape)} but {k} '
-        f'needs {tuple(expected[k].shape)}' for k, v in converted.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
     problems = []
     if unknown:
         problems.append('unknown keys (no place in the target model): ' +
-                        ', '.join(source_names.get(k, k) for k in unknown))
+                        _listing(unknown))
     if missing:
         problems.append('keys the target model needs but the source lacks: '
-                        + ', '.join(missing))
+                        + _listing(missing))
+    if not_tensors:
+        problems.append('values that are not tensors: ' +
+                        _listing(not_tensors))
     if mismatched:
-        problems.append('shape mismatches: ' + '; '.join(mismatched))
+        problems.append('shape mismatches: ' + _listing(mismatched, '; '))
     if problems:
         raise ConversionError('\n'.join(problems))
+    return converted
 
 
 def _build_expected(model_cfg: dict) -> Dict[str, torch.Tensor]:
@@ -188,9 +246,12 @@ def _build_expected(model_cfg: dict) -> Dict[str, torch.Tensor]:
 
 
 def _load_source(src: str) -> dict:
-    import mmsn  # noqa: F401  (allowlists numpy scalars for weights_only)
+    from mmsn.utils.checkpoint import numpy_safe_globals
     try:
-        checkpoint = torch.load(src, map_location='cpu', weights_only=True)
+        # Only tensors, plain values and numpy scalars (best_prec1).
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            checkpoint = torch.load(
+                src, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:  # unpickling errors of all kinds
@@ -207,7 +268,24 @@ def _load_source(src: str) -> dict:
 def _plain(value):
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
+    if hasattr(value, 'item'):  # numpy scalars
+        return value.item()
     return value
+
+
+def _save_atomically(obj, dst: str) -> None:
+    """Write to a temporary file first, so a failed save leaves no partial
+    ``dst`` (and an existing one untouched)."""
+    out_dir = osp.dirname(osp.abspath(dst))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix='.tmp')
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
 
 
 def convert_checkpoint(src: str,
@@ -241,22 +319,24 @@ def convert_checkpoint(src: str,
             f'{src} has no "state_dict" dict (top-level keys: '
             f'{sorted(checkpoint)})')
     name = model or checkpoint.get('model')
-    if name not in KNOWN_MODELS:
+    if name is None:
         raise ConversionError(
-            f'Unknown model {name!r}; this converter knows '
-            f'{", ".join(sorted(KNOWN_MODELS))} (pass --model to name the '
-            f'architecture of a checkpoint without a "model" entry)')
-    arch = KNOWN_MODELS[name]
+            f'{src} has no "model" entry: pass --model, one of '
+            f'{", ".join(sorted(KNOWN_MODELS))}')
+    arch = _zoo_model(name)
     using_bn = detect_using_bn(state_dict)
     if model_cfg is None:
-        model_cfg = expected_model_cfg(arch['version'], arch['depth'],
-                                       using_bn)
-    converted = convert_state_dict(state_dict)
-    source_names = {
-        _target_name(k[len(_PREFIX):] if k.startswith(_PREFIX) else k): k
-        for k in state_dict
-    }
-    check_against_model(converted, _build_expected(model_cfg), source_names)
+        model_cfg = expected_model_cfg(name, using_bn)
+        against = (f'(checked against {name} with using_bn={using_bn}, as '
+                   f'{"--model" if model else "its model entry"} says)')
+    else:
+        against = f'(checked against the model of {config or "model_cfg"})'
+    try:
+        converted = convert_state_dict(state_dict,
+                                       _build_expected(model_cfg),
+                                       arch.renames)
+    except ConversionError as err:
+        raise ConversionError(f'{err}\n{against}') from None
 
     from mmpretrain.datasets.categories import IMAGENET_CATEGORIES
     meta = dict(
@@ -267,31 +347,10 @@ def convert_checkpoint(src: str,
             best_prec1=_plain(checkpoint.get('best_prec1')),
             using_bn=using_bn,
             converter='tools/model_converters/sn_to_mmpretrain.py'),
-        config=config or suggested_config(arch['version'], arch['depth'],
-                                          using_bn))
-    head_classes = converted['head.fc.weight'].shape[0]
-    if head_classes == len(IMAGENET_CATEGORIES):
+        config=config or suggested_config(name, using_bn))
+    if converted['head.fc.weight'].shape[0] == len(IMAGENET_CATEGORIES):
         # The zoo is trained on ImageNet-1k (class order of its folders,
         # which is mmpretrain's order); inferencers read the names here.
         meta['dataset_meta'] = dict(classes=IMAGENET_CATEGORIES)
-
-    # Write to a temporary file first so a failed save leaves no partial DST.
-    out_dir = osp.dirname(osp.abspath(dst))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix='.tmp')
-    os.close(fd)
-    try:
-        torch.save(dict(meta=meta, state_dict=converted), tmp)
-        os.replace(tmp, dst)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
+    _save_atomically(dict(meta=meta, state_dict=converted), dst)
     return meta
-
-
-def architecture_of(model: str) -> Tuple[int, int]:
-    """(version, depth) of a model name of the authors' zoo."""
-    if model not in KNOWN_MODELS:
-        raise ConversionError(f'Unknown model {model!r}')
-    arch = KNOWN_MODELS[model]
-    return arch['version'], arch['depth']

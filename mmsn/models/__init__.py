@@ -1,4 +1,5 @@
-from . import backbones, heads  # noqa: F401  (register in mmpretrain)
+import importlib
+
 from .norms import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
                     SyncSwitchableNorm)
 
@@ -6,3 +7,13 @@ __all__ = [
     'SwitchableNorm1d', 'SwitchableNorm2d', 'SwitchableNorm3d',
     'SyncSwitchableNorm'
 ]
+
+# ``backbones`` and ``heads`` import mmpretrain (seconds): on first use only
+# (see mmsn.registry).
+_LAZY_SUBMODULES = ('backbones', 'heads')
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f'.{name}', __name__)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

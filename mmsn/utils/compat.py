@@ -1,4 +1,4 @@
-"""Make OpenMMLab's BN-only tools aware of SN.
+"""The patches that make OpenMMLab's BN-only tools aware of SN.
 
 SN derives from ``_BatchNorm`` so that ``norm_eval``, ``norm_decay_mult`` and
 ``PreciseBNHook`` treat it as a norm layer. Three tools would then treat it as
@@ -13,14 +13,17 @@ plain BN and silently lose its importance weights; they are taught here:
   and beta but keeps the authors' weight decay on the importance weights,
   unless a ``custom_keys`` entry names them.
 
-Each patch is applied once and wraps the original function.
+Each wrapper handles SN and calls the original for everything else; see
+:mod:`mmsn.utils.patches` for applying and removing them.
 """
 import importlib
+from typing import List
 
 from torch import nn
 
 from mmsn.models.norms.switchable_norm import (SyncSwitchableNorm,
                                                _SwitchableNorm)
+from .patches import Patch, Replacement, is_patched, replace, wraps_as
 
 IMPORTANCE_PARAMS = ('mean_weight', 'var_weight')
 
@@ -30,58 +33,66 @@ def _is_plain_sn(module: nn.Module) -> bool:
         module, SyncSwitchableNorm)
 
 
-def _patch_torch_sync_conversion() -> None:
-    original = nn.SyncBatchNorm.convert_sync_batchnorm.__func__
-    if getattr(original, '_mmsn_patched', False):
-        return
+def _patch_torch_sync_conversion() -> List[Replacement]:
+    name = 'sync-conversion-torch'
+    raw = vars(nn.SyncBatchNorm)['convert_sync_batchnorm']
+    if is_patched(raw, name):
+        return []
+    original = raw.__func__
 
+    @wraps_as(name, original)
     def convert_sync_batchnorm(cls, module, process_group=None):
         if _is_plain_sn(module):
             return SyncSwitchableNorm.convert_sync_switchable_norm(
                 module, process_group)
         return original(cls, module, process_group)
 
-    convert_sync_batchnorm._mmsn_patched = True
-    convert_sync_batchnorm.__doc__ = original.__doc__
-    nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(
-        convert_sync_batchnorm)
+    return [
+        replace(nn.SyncBatchNorm, 'convert_sync_batchnorm',
+                classmethod(convert_sync_batchnorm))
+    ]
 
 
-def _patch_mmengine_sync_conversion() -> None:
+def _patch_mmengine_sync_conversion() -> List[Replacement]:
+    name = 'sync-conversion-mmengine'
     utils = importlib.import_module('mmengine.model.utils')
     original = utils.convert_sync_batchnorm
-    if getattr(original, '_mmsn_patched', False):
-        return
+    if is_patched(original, name):
+        return []
 
+    @wraps_as(name, original)
     def convert_sync_batchnorm(module, implementation='torch'):
         if _is_plain_sn(module):
             return SyncSwitchableNorm.convert_sync_switchable_norm(module)
         return original(module, implementation)
 
-    convert_sync_batchnorm._mmsn_patched = True
-    convert_sync_batchnorm.__doc__ = original.__doc__
     # The original recurses through this module global, so every SN below
     # the root reaches the wrapper; the re-exports cover an SN root.
-    utils.convert_sync_batchnorm = convert_sync_batchnorm
-    for name in ('mmengine.model', 'mmengine.runner.runner',
-                 'mmengine._strategy.distributed'):
+    records = [
+        replace(utils, 'convert_sync_batchnorm', convert_sync_batchnorm)
+    ]
+    for module_name in ('mmengine.model', 'mmengine.runner.runner',
+                        'mmengine._strategy.distributed'):
         try:
-            mod = importlib.import_module(name)
+            module = importlib.import_module(module_name)
         except ImportError:  # pragma: no cover - optional parts of mmengine
             continue
-        if getattr(mod, 'convert_sync_batchnorm', None) is original:
-            mod.convert_sync_batchnorm = convert_sync_batchnorm
+        if vars(module).get('convert_sync_batchnorm') is original:
+            records.append(
+                replace(module, 'convert_sync_batchnorm',
+                        convert_sync_batchnorm))
+    return records
 
 
-def _patch_mmcv_fuse_conv_bn() -> None:
-    try:
-        fuse_module = importlib.import_module('mmcv.cnn.utils.fuse_conv_bn')
-    except ImportError:  # mmcv not installed
-        return
+def _patch_mmcv_fuse_conv_bn() -> List[Replacement]:
+    name = 'fuse-conv-bn'
+    # ImportError without mmcv: nothing to patch.
+    fuse_module = importlib.import_module('mmcv.cnn.utils.fuse_conv_bn')
     original = fuse_module._fuse_conv_bn
-    if getattr(original, '_mmsn_patched', False):
-        return
+    if is_patched(original, name):
+        return []
 
+    @wraps_as(name, original)
     def _fuse_conv_bn(conv, bn):
         if isinstance(bn, _SwitchableNorm):
             raise TypeError(
@@ -92,16 +103,17 @@ def _patch_mmcv_fuse_conv_bn() -> None:
                 f'--fuse-conv-bn).')
         return original(conv, bn)
 
-    _fuse_conv_bn._mmsn_patched = True
-    fuse_module._fuse_conv_bn = _fuse_conv_bn
+    return [replace(fuse_module, '_fuse_conv_bn', _fuse_conv_bn)]
 
 
-def _patch_optim_constructor() -> None:
+def _patch_optim_constructor() -> List[Replacement]:
+    name = 'optim-importance-decay'
     from mmengine.optim import DefaultOptimWrapperConstructor
-    original = DefaultOptimWrapperConstructor.add_params
-    if getattr(original, '_mmsn_patched', False):
-        return
+    original = vars(DefaultOptimWrapperConstructor)['add_params']
+    if is_patched(original, name):
+        return []
 
+    @wraps_as(name, original)
     def add_params(self, params, module, prefix='', is_dcn_module=None):
         first = len(params)
         original(self, params, module, prefix, is_dcn_module)
@@ -109,8 +121,8 @@ def _patch_optim_constructor() -> None:
             return
         custom_keys = self.paramwise_cfg.get('custom_keys', {})
         importance = {
-            id(getattr(module, name)): f'{prefix}.{name}'
-            for name in IMPORTANCE_PARAMS
+            id(getattr(module, param)): f'{prefix}.{param}'
+            for param in IMPORTANCE_PARAMS
         }
         for group in params[first:]:
             full_name = importance.get(id(group['params'][0]))
@@ -121,17 +133,27 @@ def _patch_optim_constructor() -> None:
             # the base decay, as in the authors' recipe.
             group.pop('weight_decay', None)
 
-    add_params._mmsn_patched = True
-    add_params.__doc__ = original.__doc__
-    DefaultOptimWrapperConstructor.add_params = add_params
+    return [replace(DefaultOptimWrapperConstructor, 'add_params', add_params)]
 
 
-def apply_patches() -> None:
-    """Teach torch/mmengine/mmcv's BN-only helpers about SN (idempotent)."""
-    _patch_torch_sync_conversion()
-    _patch_mmengine_sync_conversion()
-    _patch_mmcv_fuse_conv_bn()
-    _patch_optim_constructor()
+PATCHES = [
+    Patch('sync-conversion-torch', 'torch.nn.SyncBatchNorm.'
+          'convert_sync_batchnorm',
+          'turns SN into SyncSN with its state (it would become '
+          'SyncBatchNorm and lose the importance weights)',
+          _patch_torch_sync_conversion),
+    Patch('sync-conversion-mmengine',
+          'mmengine.model.utils.convert_sync_batchnorm (and its re-exports)',
+          'the same for sync_bn="torch"/"mmcv" in mmengine configs',
+          _patch_mmengine_sync_conversion),
+    Patch('fuse-conv-bn', 'mmcv.cnn.utils.fuse_conv_bn._fuse_conv_bn',
+          'refuses to fold SN into a conv with a clear error (it would '
+          'silently fold it as BN)', _patch_mmcv_fuse_conv_bn),
+    Patch('optim-importance-decay', 'mmengine.optim.'
+          'DefaultOptimWrapperConstructor.add_params',
+          'norm_decay_mult reaches gamma/beta but not the importance '
+          'weights, which keep the base weight decay as in the authors\' '
+          'recipe', _patch_optim_constructor),
+]
 
-
-__all__ = ['apply_patches', 'IMPORTANCE_PARAMS']
+__all__ = ['PATCHES', 'IMPORTANCE_PARAMS']

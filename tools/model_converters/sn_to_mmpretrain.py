@@ -6,20 +6,16 @@ Example::
         resnet50v1_sn_best.pth.tar checkpoints/resnet50_sn_8xb32.pth
 
 The source is the authors' ``{'epoch', 'model', 'state_dict', 'best_prec1',
-'optimizer'}`` dict (ResNet v1/v2, depth 50/101, with or without the BN
-branch). The result loads into the matching config of ``configs/`` with no
-missing or unexpected keys; unknown keys, shape mismatches or an unknown
-model stop the tool before anything is written.
+'optimizer'}`` dict (``resnetv1sn50``, ``resnetv1sn101``, ``resnetv2sn50``,
+``resnetv2sn101``, with or without the BN branch). The result loads into the
+matching config of ``configs/`` with no missing or unexpected keys; unknown
+or missing keys, shape mismatches or an unknown model stop the tool before
+anything is written, and the message names each of them.
 """
 import argparse
-import os.path as osp
 import sys
 
-# Run from a checkout without installing mmsn.
-sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..', '..'))
-
-from mmsn.converters import (KNOWN_MODELS, ConversionError,  # noqa: E402
-                             convert_checkpoint)
+from mmsn.converters import KNOWN_MODELS, ConversionError, convert_checkpoint
 
 
 def parse_args(argv=None):

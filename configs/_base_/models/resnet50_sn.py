@@ -9,7 +9,7 @@ custom_imports = dict(imports=['mmsn'], allow_failed_imports=False)
 model = dict(
     backbone=dict(
         norm_cfg=dict(type='SN', requires_grad=True),
-        # The authors' ``last_gamma=False`` (their default); the step-lr
-        # zoo rows switch it on.
-        zero_init_residual=False),
+        # The authors' ``last_gamma=True``, set in every v1 row of their zoo
+        # (cosine and step): the last norm of each block starts at gamma 0.
+        zero_init_residual=True),
     head=dict(type='DropoutLinearClsHead', dropout_rate=0.5))

@@ -24,9 +24,12 @@ Module names (``<n>`` is the norm's abbreviation from ``build_norm_layer``:
                                  whose stride or width changes), no norm
     <n>_out                      final norm after the last stage (``sn_out``)
 
-With ``norm_cfg=dict(type='SN')`` these are exactly the keys of the authors'
+With ``norm_cfg=dict(type='SN')`` these are the keys of the authors'
 ``resnetv2sn50`` / ``resnetv2sn101`` state dicts below their ``module.``
-prefix (the classifier ``fc`` lives in the head, not in the backbone). The
+prefix (the classifier ``fc`` lives in the head, not in the backbone), except
+the shortcut: the authors assign a bare conv (``layerK.0.downsample.weight``),
+here it sits in a Sequential as in mmpretrain's ResNets (``downsample.0``);
+the converter maps the one onto the other. The
 norms are reachable by role as ``norm1`` (stem), ``norm_out`` (final) and
 ``block.norm1``..``block.norm3``.
 """
@@ -41,6 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from mmpretrain.registry import MODELS
+from mmsn.utils.norm_types import check_norm_cfg
 
 
 class PreActBasicBlock(BaseModule):
@@ -356,6 +360,9 @@ class PreActResNet(BaseBackbone):
                          layer=['_BatchNorm', 'GroupNorm'])
                  ]):
         super().__init__(init_cfg)
+        # A typo in the norm type gets the close registered names, not
+        # mmcv's "Cannot find None in registry".
+        check_norm_cfg(norm_cfg)
         if depth not in self.arch_settings:
             raise KeyError(f'invalid depth {depth} for PreActResNet')
         assert 1 <= num_stages <= 4
