@@ -22,9 +22,14 @@ def composite_norm(x3: Tensor, weight, bias, mean_share, var_share,
     # y = (x - mean_in) * scale + shift: centering on the instance mean keeps
     # the gamma and importance gradients free of the cancellation that
     # sum(dy * x) suffers for inputs with a large mean
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(scale.dtype)
+    if weight is None:
+        scale = torch.rsqrt(var + eps)
+    else:
+        # not rsqrt * weight: ONNX Runtime (1.32) rewrites the exported
+        # Div(1, Sqrt) * weight wrongly ("is not a graph input") when the
+        # exporter merged weight with an equal initializer (a fresh layer's
+        # weight equals its running_var)
+        scale = weight.to(var.dtype) / torch.sqrt(var + eps)
     shift = (mean_in - mean) * scale
     if bias is not None:
         shift = shift + bias.to(shift.dtype)
