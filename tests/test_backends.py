@@ -15,7 +15,7 @@ from mmsn import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
 from mmsn import ops as sn_ops
 from mmsn.ops import backends
 from sn_reference import reference_sn
-from test_fast_path import PATHS, PARAMS, make_input, make_layer
+from sn_paths import PARAMS, PATHS, make_input, make_layer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,5 +11,7 @@ import torch
 
 
 def capturing_graph() -> bool:
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling())
+    # The ONNX exporters record through these (the TorchScript-based one
+    # traces, the dynamo one exports), so torch.onnx.is_in_onnx_export()
+    # (slower) adds nothing.
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()

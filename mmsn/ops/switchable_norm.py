@@ -45,8 +45,9 @@ def _needs_grad(tensors) -> bool:
 
 
 def _autocast_off(device: torch.device):
-    """Disable autocast where the device has it (meta has none)."""
-    if torch.amp.is_autocast_available(device.type):
+    """Disable autocast where it is on (the meta device has none)."""
+    if torch.amp.is_autocast_available(device.type) \
+            and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

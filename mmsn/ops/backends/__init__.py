@@ -111,12 +111,16 @@ def _warn_native_once() -> None:
         RuntimeWarning, stacklevel=4)
 
 
+def _native_warned() -> NativeBackend:
+    _warn_native_once()
+    return _native
+
+
 def _default_path(device: torch.device) -> str:
     if device.type == 'cpu':
         if _compiled_backend() is not None:
             return 'compiled'
-        _warn_native_once()
-        return 'native'
+        return _native_warned().name
     if device.type == 'cuda' and _triton_backend() is not None:
         return 'triton'
     return 'generic'
@@ -156,13 +160,17 @@ def backend_name(device: Union[torch.device, str]) -> str:
 
 def select(x: Tensor) -> Optional[RowBackend]:
     """The backend for ``x``, or None for the composite path."""
-    path = _forced_path or _default_path(x.device)
+    device = x.device
+    if not _forced_path and device.type == 'cpu':
+        # the common case first: one dictionary look-up
+        return _compiled_backend() or _native_warned()
+    path = _forced_path or _default_path(device)
     if path == COMPOSITE:
         return None
-    if x.is_meta:
+    if device.type == 'meta':
         # shapes only (model-size tools, deferred init): any path will do
         return _generic
-    return _backend(path, x.device)
+    return _backend(path, device)
 
 
 __all__ = [
