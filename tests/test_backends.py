@@ -5,6 +5,7 @@ propagation on the meta device."""
 import os
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -96,6 +97,36 @@ def test_forced_triton_needs_its_module_and_on_cpu_the_interpreter(
                            match='MMSN_SN_PATH=triton.*(could not be '
                            'imported|needs TRITON_INTERPRET=1)'):
             layer(make_input((2, 6, 3, 3)))
+
+
+@pytest.fixture
+def stub_triton_module(monkeypatch):
+    """A stand-in for mmsn/ops/backends/triton.py whose TritonBackend runs
+    the generic passes, to check how the Triton backend is picked up."""
+    module = types.ModuleType('mmsn.ops.backends.triton')
+
+    class TritonBackend(backends.GenericBackend):
+        name = 'triton'
+
+    module.TritonBackend = TritonBackend
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(backends, '_triton', {})
+    return TritonBackend
+
+
+def test_triton_backend_is_picked_up_when_it_imports(stub_triton_module,
+                                                     monkeypatch):
+    assert backends.backend_name('cuda') == 'triton'
+    assert backends.backend_name('cpu') != 'triton'
+    layer = make_layer(SwitchableNorm2d, torch.float64)
+    x = make_input((4, 6, 5, 3), torch.float64)
+    y_ref, _ = reference_sn(x, *(getattr(layer, n) for n in PARAMS),
+                            (layer.running_mean, layer.running_var),
+                            training=True)
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    with backends.forced('triton'):
+        assert isinstance(backends.select(x), stub_triton_module)
+        torch.testing.assert_close(layer(x), y_ref)
 
 
 @pytest.fixture
