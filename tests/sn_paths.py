@@ -4,21 +4,12 @@ what the reference says it must return."""
 import pytest
 import torch
 
-from mmsn import SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d
 from mmsn import ops as sn_ops
 from mmsn.ops import backends
 from sn_reference import batch_stats, reference_sn
-from test_switchable_norm import C
 from test_switchable_norm import make_input as random_input
 from test_switchable_norm import make_layer as random_layer
 
-ARITIES = [
-    (SwitchableNorm1d, (5, C)),
-    (SwitchableNorm1d, (5, C, 7)),
-    (SwitchableNorm2d, (4, C, 5, 3)),
-    (SwitchableNorm3d, (3, C, 2, 3, 4)),
-]
-ARITY_IDS = ['1d-NC', '1d-NCL', '2d', '3d']
 PARAMS = ('weight', 'bias', 'mean_weight', 'var_weight')
 FAST_PATHS = ['compiled', 'native', 'generic']
 PATHS = FAST_PATHS + ['composite']

@@ -12,11 +12,10 @@ from torch import nn
 from mmsn import SwitchableNorm2d, SwitchableNorm3d
 from mmsn import ops as sn_ops
 from mmsn.ops import backends
-from sn_paths import (ARITIES, ARITY_IDS, FAST_PATHS, PARAMS, PATHS, TOL,
-                      assert_all_close, make_input, make_layer,
-                      path_of, reference_run, run,  # noqa: F401 (fixture)
-                      uses_fast_path)
-from test_switchable_norm import C
+from sn_paths import (FAST_PATHS, PARAMS, PATHS, TOL, assert_all_close,
+                      make_input, make_layer, path_of,  # noqa: F401 (fixture)
+                      reference_run, run, uses_fast_path)
+from test_switchable_norm import ARITIES, ARITY_IDS, C
 
 
 @pytest.mark.parametrize('path', PATHS)
