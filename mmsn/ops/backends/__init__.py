@@ -92,7 +92,7 @@ def _triton_backend() -> Optional[RowBackend]:
             module = importlib.import_module(f'{__name__}.triton')
             _triton['backend'] = module.TritonBackend()
             _triton['error'] = None
-        except Exception as err:  # noqa: B902  (any failure: no Triton)
+        except Exception as err:  # any failure means no Triton here
             _triton['backend'] = None
             _triton['error'] = f'{type(err).__name__}: {err}'
     return _triton['backend']
@@ -153,8 +153,11 @@ def backend_name(device: Union[torch.device, str]) -> str:
     is unavailable."""
     device = torch.device(device)
     path = _forced_path or _default_path(device)
-    if path != COMPOSITE:
-        _backend(path, device)
+    if path == COMPOSITE:
+        return path
+    if device.type == 'meta':
+        return _generic.name
+    _backend(path, device)  # raises where the path cannot run
     return path
 
 
@@ -168,7 +171,8 @@ def select(x: Tensor) -> Optional[RowBackend]:
     if path == COMPOSITE:
         return None
     if device.type == 'meta':
-        # shapes only (model-size tools, deferred init): any path will do
+        # shapes only (model-size tools, deferred init): the generic ops
+        # have meta kernels, whatever path is forced
         return _generic
     return _backend(path, device)
 
