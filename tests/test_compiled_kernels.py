@@ -1,12 +1,17 @@
 """The compiled CPU kernels of mmsn._C, pass by pass, against float64
-formulas written out here; their input checks; and that the install built
-them (the fast path falls back to slower kernels silently otherwise)."""
+formulas written out here, and as a whole layer against the float64
+reference (tests/sn_reference.py), at 1, 2 and 3 threads; their input
+checks; and that the install built them (the fast path falls back to slower
+kernels silently otherwise)."""
+import contextlib
 import os
 
 import pytest
 import torch
 
-from mmsn.ops import compiled_kernels_available
+from mmsn import SwitchableNorm1d
+from mmsn.ops import backends, compiled_kernels_available
+from sn_reference import batch_stats, reference_sn
 
 if os.environ.get('MMSN_WITH_OPS') == '0':
     pytest.skip('built with MMSN_WITH_OPS=0', allow_module_level=True)
@@ -16,6 +21,23 @@ ops = torch.ops.mmsn
 # (N, C, L): one position; a row shorter than a vector; a ragged length;
 # more rows than one thread's grain (parallel split of rows)
 SHAPES = [(3, 4, 1), (2, 3, 5), (4, 6, 37), (64, 64, 49)]
+# Split between threads: a task holds at least 32768 // L rows (7 and 15
+# here), so 65 rows of 4099 positions go to 2 or 3 threads in chunks of 33
+# or 22 rows, and 2 * 37 rows of 2053 in chunks of 37 or 25 (per sample
+# when there are fewer samples than threads): chunks start part-way
+# through a sample, and N * C divides evenly among neither 2 nor 3 threads.
+THREADED_SHAPES = [(13, 5, 4099), (2, 37, 2053)]
+THREADS = [1, 2, 3]
+
+
+@contextlib.contextmanager
+def num_threads(threads):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_install_built_the_kernels():
@@ -39,11 +61,18 @@ def tol(dtype):
         atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('shape,threads',
+                         [(s, 1) for s in SHAPES] +
+                         [(s, t) for s in THREADED_SHAPES for t in THREADS])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 # a large mean relative to the spread is where one-pass formulas cancel
 @pytest.mark.parametrize('offset', [0.0, 1e4])
-def test_passes_match_float64_formulas(shape, dtype, offset):
+def test_passes_match_float64_formulas(shape, threads, dtype, offset):
+    with num_threads(threads):
+        check_passes(shape, dtype, offset)
+
+
+def check_passes(shape, dtype, offset):
     x = rows(shape, dtype, 0, offset)
     x64 = x.double()
     correction = 1 if shape[2] > 1 else 0
@@ -96,16 +125,58 @@ def test_threads_do_not_change_results():
                                 mean_bn, var_bn, True, 1e-5, 1, True)
         return (mean, var, y, *grads)
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with num_threads(1):
         serial = run_all()
-        torch.set_num_threads(2)
-        parallel = run_all()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(serial, parallel):
-        assert torch.equal(a, b)
+    for threads in (2, 3):
+        with num_threads(threads):
+            parallel = run_all()
+        for a, b in zip(serial, parallel):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('shape', THREADED_SHAPES)
+@pytest.mark.parametrize('threads', THREADS)
+@pytest.mark.parametrize('training', [True, False])
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5),
+                                       (torch.float64, 1e-10)])
+def test_layer_matches_reference_at_any_thread_count(shape, threads,
+                                                     training, dtype, tol):
+    """The whole layer on mmsn._C (forward, backward, running statistics;
+    the one-sweep forward in eval) split between threads, against the
+    float64 reference."""
+    n, c, length = shape
+    g = torch.Generator().manual_seed(0)
+    layer = SwitchableNorm1d(c, momentum=0.1).to(dtype).train(training)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        layer.running_var.uniform_(0.5, 2, generator=g)
+    params = [p.detach().double().requires_grad_()
+              for p in layer.parameters()]
+    running = (layer.running_mean.double().clone(),
+               layer.running_var.double().clone())
+    x = rows(shape, dtype, 1, offset=2.0)
+    dy = rows(shape, dtype, 2)
+    x64 = x.double().clone().requires_grad_()
+    y_ref, _ = reference_sn(x64, *params, running, training=training)
+    y_ref.backward(dy.double())
+
+    xi = x.clone().requires_grad_()
+    with backends.forced('compiled'), num_threads(threads):
+        y = layer(xi)
+        y.backward(dy)
+    close = dict(atol=tol, rtol=tol, check_dtype=False)
+    torch.testing.assert_close(y, y_ref, **close)
+    torch.testing.assert_close(xi.grad, x64.grad, **close)
+    for (name, p), p_ref in zip(layer.named_parameters(), params):
+        torch.testing.assert_close(p.grad, p_ref.grad, **close,
+                                   msg=lambda m: f'{name}: {m}')
+    if training:
+        mean_bn, var_bn = batch_stats(x.double(), unbiased=True)
+        running = (0.9 * running[0] + 0.1 * mean_bn,
+                   0.9 * running[1] + 0.1 * var_bn)
+    torch.testing.assert_close(layer.running_mean, running[0], **close)
+    torch.testing.assert_close(layer.running_var, running[1], **close)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -151,13 +222,9 @@ def test_fixed_stats_forward_equals_the_two_pass_forward(n, threads, with_bn):
     vw = torch.softmax(torch.linspace(0.3, -0.2, k), 0)
     fixed = (rows((c, ), torch.float32, 2), rows((c, ), torch.float32, 3).abs()
              ) if with_bn else (None, None)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with num_threads(threads):
         y, mean, var = ops.sn_forward_fixed(x, gamma, beta, mw, vw, *fixed,
                                             1e-5, 1)
-    finally:
-        torch.set_num_threads(old)
     mean_ref, var_ref = ops.instance_moments(x, 1)
     y_ref = ops.sn_affine(x, mean_ref, var_ref, gamma, beta, mw, vw, *fixed,
                           1e-5)

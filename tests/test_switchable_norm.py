@@ -357,21 +357,43 @@ def test_low_precision_keeps_statistics_in_float32(low):
 
 
 def test_autocast_bfloat16_on_cpu():
+    """Under autocast SN takes the bfloat16 conv output, computes in float32
+    and returns bfloat16: the output and the input gradient are the exact
+    results (float64 reference on the same bfloat16 values) rounded once,
+    the parameter gradients and running statistics exact to float32."""
     conv = torch.nn.Conv2d(3, C, 3)
-    layer = SwitchableNorm2d(C)
+    layer = make_layer(SwitchableNorm2d, dtype=torch.float32)
+    ref_layer = make_layer(SwitchableNorm2d)
+    running_before = (layer.running_mean.clone(), layer.running_var.clone())
     x = torch.randn(4, 3, 8, 8)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         h = conv(x)
         y = layer(h)
     assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
     assert layer.running_mean.dtype == torch.float32
-    ref = SwitchableNorm2d(C)
-    ref(h.float())
-    torch.testing.assert_close(layer.running_var, ref.running_var,
-                               atol=1e-6, rtol=1e-6)
-    y.float().sum().backward()
-    assert layer.mean_weight.grad is not None
-    assert torch.isfinite(layer.mean_weight.grad).all()
+    h.retain_grad()
+    # the upstream gradient reaches SN rounded to bfloat16
+    g = torch.randn(y.shape).bfloat16()
+    y.float().backward(g.float())
+
+    h_ref = h.detach().double().requires_grad_()
+    y_ref, (mean_bn, var_bn) = reference_for(ref_layer, h_ref, True)
+    y_ref.backward(g.double())
+    rounded = dict(rtol=torch.finfo(torch.bfloat16).eps, atol=1e-5,
+                   check_dtype=False)
+    torch.testing.assert_close(y, y_ref, **rounded)
+    torch.testing.assert_close(h.grad, h_ref.grad, **rounded)
+    exact = dict(rtol=1e-5, atol=1e-5, check_dtype=False)
+    for name in ('weight', 'bias', 'mean_weight', 'var_weight'):
+        torch.testing.assert_close(
+            getattr(layer, name).grad, getattr(ref_layer, name).grad,
+            **exact, msg=lambda m: f'{name}: {m}')
+    torch.testing.assert_close(layer.running_mean,
+                               0.9 * running_before[0] + 0.1 * mean_bn,
+                               **exact)
+    torch.testing.assert_close(layer.running_var,
+                               0.9 * running_before[1] + 0.1 * var_bn,
+                               **exact)
 
 
 def test_channels_last_matches_contiguous():

@@ -1,10 +1,20 @@
-from .switchable_norm import (batch_stats_from_instance,
-                              compiled_kernels_available, in_var_correction,
-                              layer_stats_from_instance, mix_statistics,
-                              mix_with_shares, mixed_norm, switchable_norm)
+"""Functional core of Switchable Normalization.
+
+``statistics``  per-(n, c) statistics, mixing and their closed-form gradients
+``backends/``   implementations of the passes over the big tensor, one chosen
+                per call (``MMSN_SN_PATH`` forces one)
+``function``    the autograd Function over a backend (the fast path)
+``composite``   the plain-autograd path (reference, tracing and export)
+``switchable_norm``  the entry points ``mixed_norm`` and ``switchable_norm``
+"""
+from .backends import backend_name, compiled_kernels_available
+from .statistics import (batch_stats_from_instance, in_var_correction,
+                         layer_stats_from_instance, mix_statistics,
+                         mix_with_shares)
+from .switchable_norm import mixed_norm, switchable_norm
 
 __all__ = [
     'switchable_norm', 'mixed_norm', 'mix_statistics', 'mix_with_shares',
     'batch_stats_from_instance', 'layer_stats_from_instance',
-    'in_var_correction', 'compiled_kernels_available'
+    'in_var_correction', 'compiled_kernels_available', 'backend_name'
 ]

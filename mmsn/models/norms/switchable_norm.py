@@ -17,7 +17,7 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmsn.ops.switchable_norm import batch_stats_from_instance, switchable_norm
+from mmsn.ops import batch_stats_from_instance, switchable_norm
 
 
 # The default momentum depends on the arity (as in the authors' layers), and

@@ -2,24 +2,29 @@
 
 SN touches the big tensor only in a few passes over its rows, x viewed as
 (N, C, L) (one row per sample and channel, L positions). Everything between
-the passes is per-(n, c) algebra on O(N * C) numbers (see
-``mmsn/ops/switchable_norm.py``). A backend is one implementation of those
-passes for one kind of device; one is chosen per call from the tensor's
-device, what is installed and ``MMSN_SN_PATH``.
+the passes is per-(n, c) algebra on O(N * C) numbers
+(:mod:`mmsn.ops.statistics`). A backend is one implementation of those
+passes; one is chosen per call (:func:`mmsn.ops.backends.select`) from the
+tensor's device, what is installed and ``MMSN_SN_PATH``.
 
 Conventions shared by all methods:
 
-* ``x3`` is (N, C, L). It is contiguous unless the backend sets
-  ``takes_strided`` (then any strided view, e.g. channels_last flattened).
-  Its dtype is one of ``input_dtypes`` (other inputs are cast to float32
-  before the call).
-* Statistics (``mean_in``, ``var_in``, per-row coefficients, shares, BN
-  statistics, gradients of parameters) are float32, or float64 for float64
-  input, shaped (N, C) or (C,) or (K,), contiguous.
-* Outputs that have x's shape (``y``, ``dx``) have x's dtype and layout.
-* ``mean_share``/``var_share`` are the importance shares on the simplex
-  (K = 3: [IN, LN, BN], or K = 2: [IN, LN] without a BN branch, in which
-  case ``batch_mean``/``batch_var`` are None).
+* ``x3`` is (N, C, L), of a dtype in ``input_dtypes`` (other inputs are
+  cast to float32 first). It is contiguous unless the backend sets
+  ``takes_strided``; then it is any dense view (no gaps, no overlap), e.g.
+  a channels_last input flattened, with strides (L*C, 1, C).
+* ``dy`` has x3's shape, dtype and strides.
+* Outputs of x's shape (``y``, ``dx``) have x3's dtype and strides
+  (allocate them with ``torch.empty_like(x3)``).
+* Statistics (``mean_in``, ``var_in``) and per-row coefficients are
+  contiguous (N, C) tensors of the statistics dtype: float64 for float64
+  input, float32 otherwise (accumulate in at least float32 for
+  float16/bfloat16 input). Gradients of per-channel parameters are (C,),
+  of the shares (K,), in that dtype.
+* ``weight``/``bias`` (C,), ``mean_share``/``var_share`` (K,) and
+  ``batch_mean``/``batch_var`` (C,) are detached, contiguous, in the
+  statistics dtype. The shares are on the simplex, K = 3 ([IN, LN, BN]) or
+  K = 2 ([IN, LN], no BN branch: ``batch_mean``/``batch_var`` are None).
 """
 from typing import Optional, Tuple
 
@@ -29,12 +34,29 @@ from torch import Tensor
 
 class RowBackend:
     """Base class: the four row passes are required, the fused whole-layer
-    methods are optional (``fused = True`` when implemented)."""
+    methods are optional (set ``fused = True`` when implemented)."""
 
     name = 'base'
     input_dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float64)
     takes_strided = False
     fused = False
+
+    # -- what the passes are given (not to be overridden) -------------------
+    def prepare(self, x3: Tensor) -> Tensor:
+        """``x3`` as this backend takes it: cast to float32 when its dtype is
+        not in ``input_dtypes``, made contiguous unless ``takes_strided``."""
+        if x3.dtype not in self.input_dtypes:
+            x3 = x3.float()
+        return x3 if self.takes_strided else x3.contiguous()
+
+    def prepare_grad(self, dy: Tensor, x3: Tensor) -> Tensor:
+        """``dy`` in the dtype and strides of the prepared ``x3``."""
+        dy = dy.to(x3.dtype)
+        if dy.stride() == x3.stride():
+            return dy
+        if x3.is_contiguous():
+            return dy.contiguous()
+        return torch.empty_like(x3).copy_(dy)
 
     # -- the four passes ---------------------------------------------------
     def moments(self, x3: Tensor, correction: int):
@@ -92,3 +114,6 @@ class RowBackend:
         constants. ``dx`` is an empty tensor when ``need_dx`` is False.
         """
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}()'

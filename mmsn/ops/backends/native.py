@@ -1,0 +1,81 @@
+"""PyTorch's own GroupNorm and BatchNorm kernels on views of the rows: the
+CPU fallback when ``mmsn._C`` is not built. Several times faster than
+``var_mean`` and broadcasting ``addcmul`` on the CPU, but with more passes
+over the big tensor than the compiled kernels."""
+import torch
+
+from ..statistics import serial_small_ops
+from .base import RowBackend
+
+_aten = torch.ops.aten
+
+# Added to the variance inside GroupNorm's kernel when it is used to get the
+# IN moments: keeps its rstd finite for constant rows (and a single
+# position) without changing any variance above ~1e-23.
+_TINY_VAR = 1e-30
+
+
+def _ones_zeros(rows, like):
+    with serial_small_ops(rows, like.device):
+        return (torch.ones(rows, dtype=like.dtype, device=like.device),
+                torch.zeros(rows, dtype=like.dtype, device=like.device))
+
+
+class NativeBackend(RowBackend):
+    """Contiguous float32/float64 tensors; the rows are treated as one
+    sample of N*C channels (BatchNorm) or N*C groups (GroupNorm)."""
+
+    name = 'native'
+
+    def moments(self, x3, correction):
+        """Also returns a scratch buffer holding ``(x - mean_in) * rstd``,
+        which :meth:`rows_affine` turns into the output in place."""
+        n, c, length = x3.shape
+        # GroupNorm with one channel per group = InstanceNorm: one
+        # vectorized Welford pass for the moments (no cancellation).
+        buf, mean_in, rstd = _aten.native_group_norm(x3, None, None, n, c,
+                                                     length, c, _TINY_VAR)
+        with serial_small_ops(n * c, x3.device):
+            var_in = rstd.pow(-2)
+            if correction:
+                var_in.mul_(length / (length - correction))
+        return mean_in, var_in, (buf, rstd)
+
+    def rows_affine(self, x3, scratch, mean_in, scale, shift):
+        n, c, length = x3.shape
+        buf, rstd = scratch
+        rows = n * c
+        buf1 = buf.view(1, rows, length)
+        # buf = (x - mean_in) * rstd; BatchNorm's inference kernel on the
+        # (1, N*C, L) view applies a per-row affine map, in place.
+        with serial_small_ops(rows, buf.device):
+            alpha = (scale / rstd).reshape(rows)
+        ones, zeros = _ones_zeros(rows, buf)
+        _aten.native_batch_norm.out(
+            buf1, alpha, shift.reshape(rows), zeros, ones, False, 0.0, 0.0,
+            out=buf1, save_mean=buf.new_empty(0),
+            save_invstd=buf.new_empty(0))
+        return buf
+
+    def rows_grad_sums(self, dy, x3, mean_in):
+        # BatchNorm's backward on the (1, N*C, L) view returns exactly these
+        # as its weight and bias gradients.
+        n, c, length = x3.shape
+        rows = n * c
+        ones, _ = _ones_zeros(rows, x3)
+        _, dot, sum_dy = _aten.native_batch_norm_backward(
+            dy.view(1, rows, length), x3.view(1, rows, length), None, None,
+            None, mean_in.reshape(rows), ones, True, 0.0,
+            [False, True, True])
+        return dot.view(n, c), sum_dy.view(n, c)
+
+    def rows_grad_input(self, dy, x3, mean_in, a, b, k):
+        n, c, length = x3.shape
+        rows = n * c
+        const = torch.addcmul(k, b, mean_in, value=-1)
+        ones, zeros = _ones_zeros(rows, x3)
+        dx = _aten.native_batch_norm(dy.view(1, rows, length),
+                                     a.reshape(rows), const.reshape(rows),
+                                     zeros, ones, False, 0.0, 0.0)[0]
+        return dx.addcmul_(x3.view(1, rows, length),
+                           b.reshape(1, rows, 1)).view(n, c, length)
