@@ -459,6 +459,70 @@ def test_layer_through_backend_equals_composite(shape, layout, training,
                                    msg=lambda m: f'{name}: {m}')
 
 
+def check_layer(device, cls, shape, layout, dtype, using_bn, tol):
+    """An SN layer on ``device`` (whatever path mmsn picks there) against
+    the paper's equations in float64 on the CPU: output, every gradient,
+    running statistics over a training step, then eval."""
+    from test_switchable_norm import make_input, make_layer, reference_for
+    layer = make_layer(cls, using_bn, torch.float32).to(device)
+    ref_layer = make_layer(cls, using_bn, F64)
+    x = make_input(shape, F64)
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(7),
+                           dtype=F64)
+    for training in (True, False):
+        layer.train(training)
+        running_before = [t.clone() for t in layer.buffers()
+                          if t.is_floating_point()]
+        xd = x.to(device, dtype)
+        if layout == 'channels_last':
+            xd = xd.contiguous(memory_format=torch.channels_last
+                               if xd.dim() == 4 else torch.channels_last_3d)
+        xd.requires_grad_()
+        x_ref = xd.detach().double().cpu().requires_grad_()
+        y = layer(xd)
+        y_ref, batch = reference_for(ref_layer, x_ref, training)
+        assert y.dtype == dtype
+        if y.dim() == 4:
+            assert y.is_contiguous(memory_format=(
+                torch.channels_last if layout == 'channels_last' else
+                torch.contiguous_format))
+        close(y, y_ref, tol, f'y (training={training})')
+        dy = grad_out.to(device, dtype)
+        y.backward(dy)
+        y_ref.backward(dy.double().cpu())
+        close(xd.grad, x_ref.grad, tol, 'dx')
+        for name in ('weight', 'bias', 'mean_weight', 'var_weight'):
+            close(getattr(layer, name).grad,
+                  getattr(ref_layer, name).grad, max(tol, 1e-4), name)
+            getattr(layer, name).grad = None
+            getattr(ref_layer, name).grad = None
+        if using_bn and training:
+            m = layer.momentum
+            close(layer.running_mean,
+                  (1 - m) * running_before[0].double().cpu() + m * batch[0],
+                  max(tol, 1e-5), 'running_mean')
+            close(layer.running_var,
+                  (1 - m) * running_before[1].double().cpu() + m * batch[1],
+                  max(tol, 1e-5), 'running_var')
+            # the reference's eval uses the updated running statistics
+            ref_layer.running_mean.copy_(layer.running_mean.double().cpu())
+            ref_layer.running_var.copy_(layer.running_var.double().cpu())
+
+
+@pytest.mark.skipif(not GPU, reason='needs a GPU: the whole layer as mmsn '
+                    'runs it on CUDA tensors')
+@pytest.mark.parametrize('dim,layout,dtype', [
+    (4, 'contiguous', torch.float32), (4, 'channels_last', torch.float32),
+    (5, 'channels_last', torch.float32), (4, 'contiguous', torch.bfloat16)
+], ids=['2d', '2d-cl', '3d-cl', '2d-bf16'])
+@pytest.mark.parametrize('using_bn', [True, False], ids=['bn', 'nobn'])
+def test_layer_on_cuda_matches_the_equations(dim, layout, dtype, using_bn):
+    from mmsn import SwitchableNorm2d, SwitchableNorm3d
+    cls, shape = ((SwitchableNorm2d, (4, 6, 9, 7)) if dim == 4 else
+                  (SwitchableNorm3d, (3, 6, 2, 3, 5)))
+    check_layer(DEVICE, cls, shape, layout, dtype, using_bn, OUT_TOL[dtype])
+
+
 # -- plan, errors, compilation ---------------------------------------------
 def test_tiles_follow_the_layout_and_split_only_long_rows():
     # NCHW: tiles long along positions; 64 rows of 12544 are split to fill

@@ -258,7 +258,10 @@ def summarize(rows, weights):
     print(f'| SN memory for backward / input (max) | {worst:.3f} | |')
 
 
-def bench_resnet50(args, device, timer):
+def resnet50_steps(device, dtype, batch):
+    """ResNet-50s (mmpretrain) with BN and with SN, and makers of a closure
+    running one training step (forward, loss, backward, SGD step) or one
+    eval forward of either, under autocast unless ``dtype`` is float32."""
     from mmpretrain.models import ResNet
 
     def build(norm):
@@ -269,15 +272,14 @@ def bench_resnet50(args, device, timer):
         return model
 
     models = {'BN': build('BN'), 'SN': build('SN')}
-    batch = args.resnet_batch
     x = torch.randn(batch, 3, 224, 224, device=device)
     target = torch.randint(0, 1000, (batch, ), device=device)
     opts = {
         k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
         for k, m in models.items()
     }
-    autocast = (torch.autocast(device.type, dtype=args.dtype)
-                if args.dtype != torch.float32 else _Null())
+    autocast = (torch.autocast(device.type, dtype=dtype)
+                if dtype != torch.float32 else _Null())
 
     def train_step(k):
         model, opt = models[k], opts[k]
@@ -298,6 +300,13 @@ def bench_resnet50(args, device, timer):
                 model(x)
         return fn
 
+    return models, train_step, eval_forward
+
+
+def bench_resnet50(args, device, timer):
+    batch = args.resnet_batch
+    models, train_step, eval_forward = resnet50_steps(device, args.dtype,
+                                                      batch)
     for m in models.values():
         m.train()
     train = interleaved_medians({k: train_step(k) for k in models},

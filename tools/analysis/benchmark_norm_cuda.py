@@ -25,7 +25,6 @@ import sys
 from typing import Callable, Dict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmsn import SwitchableNorm2d
@@ -259,38 +258,9 @@ def summary(report, rows, dtype):
 
 
 def bench_resnet50(common, report, args, dtype, device, timer):
-    from mmpretrain.models import ResNet
-
-    def build(norm):
-        torch.manual_seed(0)
-        backbone = ResNet(depth=50, norm_cfg=dict(type=norm))
-        return nn.Sequential(backbone, common._Head(2048, 1000)).to(device)
-
-    models = {'BN': build('BN'), 'SN': build('SN')}
     batch = args.resnet_batch
-    x = torch.randn(batch, 3, 224, 224, device=device)
-    target = torch.randint(0, 1000, (batch, ), device=device)
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
-            for k, m in models.items()}
-    amp = _autocast(device, dtype)
-
-    def train_step(k):
-        model, opt = models[k], opts[k]
-
-        def fn():
-            opt.zero_grad(set_to_none=True)
-            with amp:
-                loss = F.cross_entropy(model(x), target)
-            loss.backward()
-            opt.step()
-        return fn
-
-    def eval_forward(k):
-        def fn():
-            with torch.no_grad(), amp:
-                models[k](x)
-        return fn
-
+    models, train_step, eval_forward = common.resnet50_steps(
+        device, dtype, batch)
     for m in models.values():
         m.train()
     train = common.interleaved_medians({k: train_step(k) for k in models},

@@ -15,6 +15,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _in_stats(mean_ptr, var_ptr, ns, n_mask, c0, C, BLOCK_C: tl.constexpr):
+    """The IN statistics of samples ``ns`` and channels ``c0`` to ``c0 +
+    BLOCK_C``: (channels, their mask, the tile's mask, offsets, mean_in,
+    var_in)."""
+    cs = c0 + tl.arange(0, BLOCK_C)
+    c_mask = cs < C
+    mask = n_mask[:, None] & c_mask[None, :]
+    offs = ns[:, None] * C + cs[None, :]
+    m = tl.load(mean_ptr + offs, mask=mask, other=0.)
+    v = tl.load(var_ptr + offs, mask=mask, other=0.)
+    return cs, c_mask, mask, offs, m, v
+
+
+@triton.jit
 def _layer_stats(mean_ptr, var_ptr, ns, n_mask, C, BLOCK_C: tl.constexpr):
     """LN statistics of samples ``ns``: mean of the means and mean of
     ``var_in + (mean_in - mean)^2``, in one sweep over channel blocks merged
@@ -24,11 +38,9 @@ def _layer_stats(mean_ptr, var_ptr, ns, n_mask, C, BLOCK_C: tl.constexpr):
     mean = pivot * 0.
     m2 = pivot * 0.
     for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        mask = n_mask[:, None] & (cs < C)[None, :]
-        offs = ns[:, None] * C + cs[None, :]
-        m = tl.load(mean_ptr + offs, mask=mask, other=0.) - pivot[:, None]
-        v = tl.load(var_ptr + offs, mask=mask, other=0.)
+        _, _, mask, _, m, v = _in_stats(mean_ptr, var_ptr, ns, n_mask, c0, C,
+                                        BLOCK_C)
+        m -= pivot[:, None]
         count = tl.minimum(C - c0, BLOCK_C) * 1.0
         block_mean = tl.sum(tl.where(mask, m, 0.), axis=1) / count
         d = tl.where(mask, m - block_mean[:, None], 0.)
@@ -41,10 +53,11 @@ def _layer_stats(mean_ptr, var_ptr, ns, n_mask, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _mixed(m, v, ln_mean, ln_var, w_ptr, u_ptr, bn_mean_ptr, bn_var_ptr, cs,
-           c_mask, eps, HAS_BN: tl.constexpr):
-    """Mixed mean and 1 / sqrt(mixed variance + eps) of a (samples,
-    channels) tile."""
+def _mixed(m, v, ln_mean, ln_var, w_ptr, u_ptr, bn_mean_ptr, bn_var_ptr,
+           weight_ptr, cs, c_mask, eps, HAS_BN: tl.constexpr,
+           HAS_WEIGHT: tl.constexpr):
+    """Mixed mean, rstd = 1 / sqrt(mixed variance + eps) and scale = gamma *
+    rstd of a (samples, channels) tile."""
     mean = tl.load(w_ptr) * m + tl.load(w_ptr + 1) * ln_mean[:, None]
     var = tl.load(u_ptr) * v + (tl.load(u_ptr + 1) * ln_var[:, None] + eps)
     if HAS_BN:
@@ -52,7 +65,11 @@ def _mixed(m, v, ln_mean, ln_var, w_ptr, u_ptr, bn_mean_ptr, bn_var_ptr, cs,
         bn_var = tl.load(bn_var_ptr + cs, mask=c_mask, other=0.)
         mean += tl.load(w_ptr + 2) * bn_mean[None, :]
         var += tl.load(u_ptr + 2) * bn_var[None, :]
-    return mean, tl.rsqrt(var)
+    rstd = tl.rsqrt(var)
+    scale = rstd
+    if HAS_WEIGHT:
+        scale *= tl.load(weight_ptr + cs, mask=c_mask, other=0.)[None, :]
+    return mean, rstd, scale
 
 
 @triton.jit
@@ -68,17 +85,11 @@ def _mix_forward_kernel(mean_in_ptr, var_in_ptr, weight_ptr, bias_ptr, w_ptr,
     ln_mean, ln_var = _layer_stats(mean_in_ptr, var_in_ptr, ns, n_mask, C,
                                    BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        c_mask = cs < C
-        mask = n_mask[:, None] & c_mask[None, :]
-        offs = ns[:, None] * C + cs[None, :]
-        m = tl.load(mean_in_ptr + offs, mask=mask, other=0.)
-        v = tl.load(var_in_ptr + offs, mask=mask, other=0.)
-        mean, rstd = _mixed(m, v, ln_mean, ln_var, w_ptr, u_ptr, bn_mean_ptr,
-                            bn_var_ptr, cs, c_mask, eps, HAS_BN)
-        scale = rstd
-        if HAS_WEIGHT:
-            scale *= tl.load(weight_ptr + cs, mask=c_mask, other=0.)[None, :]
+        cs, c_mask, mask, offs, m, v = _in_stats(mean_in_ptr, var_in_ptr, ns,
+                                                 n_mask, c0, C, BLOCK_C)
+        mean, _, scale = _mixed(m, v, ln_mean, ln_var, w_ptr, u_ptr,
+                                bn_mean_ptr, bn_var_ptr, weight_ptr, cs,
+                                c_mask, eps, HAS_BN, HAS_WEIGHT)
         shift = (m - mean) * scale
         if HAS_BIAS:
             shift += tl.load(bias_ptr + cs, mask=c_mask, other=0.)[None, :]
@@ -115,22 +126,16 @@ def _backward_rows_kernel(dot_ptr, sum_ptr, splits, mean_in_ptr, var_in_ptr,
     share_m = ns * 0.
     share_v = ns * 0.
     for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        c_mask = cs < C
-        mask = n_mask[:, None] & c_mask[None, :]
-        offs = ns[:, None] * C + cs[None, :]
-        m = tl.load(mean_in_ptr + offs, mask=mask, other=0.)
-        v = tl.load(var_in_ptr + offs, mask=mask, other=0.)
+        cs, c_mask, mask, offs, m, v = _in_stats(mean_in_ptr, var_in_ptr, ns,
+                                                 n_mask, c0, C, BLOCK_C)
         dot = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         sum_dy = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for s in range(splits):
             dot += tl.load(dot_ptr + s * rows + offs, mask=mask, other=0.)
             sum_dy += tl.load(sum_ptr + s * rows + offs, mask=mask, other=0.)
-        mean, rstd = _mixed(m, v, ln_mean, ln_var, w_ptr, u_ptr, bn_mean_ptr,
-                            bn_var_ptr, cs, c_mask, eps, HAS_BN)
-        scale = rstd
-        if HAS_WEIGHT:
-            scale *= tl.load(weight_ptr + cs, mask=c_mask, other=0.)[None, :]
+        mean, rstd, scale = _mixed(m, v, ln_mean, ln_var, w_ptr, u_ptr,
+                                   bn_mean_ptr, bn_var_ptr, weight_ptr, cs,
+                                   c_mask, eps, HAS_BN, HAS_WEIGHT)
         grad_centered = dot + (m - mean) * sum_dy
         neg_grad_mean = tl.where(mask, scale * sum_dy, 0.)
         grad_var = tl.where(mask, -0.5 * grad_centered * scale * rstd * rstd,
