@@ -13,10 +13,10 @@ with CUDA events after L2 has been evicted:
    forward+backward, in units of the input;
 2. a ResNet-50 (mmpretrain) training step and eval forward, BN vs SN,
    float32 and bf16 AMP: ms and images/s;
-3. mmsn's Triton kernels pass by pass against cuDNN's BN kernels, with the
+3. the issue's targets as ratios measured in this run;
+4. mmsn's Triton kernels pass by pass against cuDNN's BN kernels, with the
    bandwidth each reaches over the bytes it must move, for a few tile
-   sizes (to tune ``TritonBackend(tile=...)``);
-4. the issue's targets as ratios measured in this run.
+   sizes (to tune ``TritonBackend(tile=...)``).
 """
 import contextlib
 import importlib
@@ -446,9 +446,10 @@ def run(args, common) -> None:
                       flush=True)
                 step_ratios[dtype] = bench_resnet50(common, report, args,
                                                     dtype, device, timer)
+        targets(report, results, step_ratios)
+        # tuning information last: a run cut short loses it first
         if args.triton_tiles:
             bench_triton_passes(common, report, args,
                                 shapes if args.shapes else common.QUICK_SHAPES,
                                 device, timer)
-        targets(report, results, step_ratios)
     report.close()
