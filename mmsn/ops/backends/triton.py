@@ -28,8 +28,9 @@ from torch import Tensor
 from . import triton_kernels as kernels
 from . import triton_mixing as mixing_kernels
 from .base import RowBackend
-from .triton_tiles import (SMALL_TILE, TILE, Tiles, column_blocks,
-                           default_min_programs, plan_tiles, sample_blocks)
+from .triton_tiles import (SMALL_TILE, TILE, Tiles, cdiv, column_blocks,
+                           default_min_programs, next_power_of_2, plan_tiles,
+                           sample_blocks)
 
 _F32 = torch.float32
 
@@ -140,10 +141,10 @@ class TritonBackend(RowBackend):
                     c, length, *x3.stride(), t.c_blocks, t.splits, t.chunk,
                     rows, dof, num_warps=t.num_warps, BLOCK_C=t.block_c,
                     BLOCK_L=t.block_l, SPLIT=True)
-            block_s = triton.next_power_of_2(t.splits)
-            block_r = min(triton.next_power_of_2(rows),
+            block_s = next_power_of_2(t.splits)
+            block_r = min(next_power_of_2(rows),
                           max(1, self.small_tile // block_s))
-            _launch(kernels._merge_moments_kernel, triton.cdiv(rows, block_r),
+            _launch(kernels._merge_moments_kernel, cdiv(rows, block_r),
                     x3, part[0], part[1], mean, var, c, x3.stride(0),
                     x3.stride(1), rows, length, t.chunk, t.splits, dof,
                     BLOCK_R=block_r, BLOCK_S=block_s)
@@ -217,7 +218,7 @@ class TritonBackend(RowBackend):
         block_n, block_c = sample_blocks(n, c, self.small_tile)
         with self._device(x3):
             _launch(mixing_kernels._mix_forward_kernel,
-                    triton.cdiv(n, block_n),
+                    cdiv(n, block_n),
                     _f32(mean_in), _f32(var_in), *mixing.or_dummy(weight),
                     *mixing.or_dummy(bias), *mixing.args(), coefs[0],
                     coefs[1], n, c, float(eps), num_warps=8,
@@ -249,8 +250,8 @@ class TritonBackend(RowBackend):
             return _empty_grads(x3, c, k, need_dx)
         block_n, block_c = sample_blocks(n, c, self.small_tile)
         col_n, col_c = column_blocks(n, c, self.small_tile)
-        sample_programs = triton.cdiv(n, block_n)
-        column_programs = triton.cdiv(c, col_c)
+        sample_programs = cdiv(n, block_n)
+        column_programs = cdiv(c, col_c)
         # per row: neg_grad_mean, grad_var, d_gamma term, sum(dy), scale
         per_row = torch.empty(5, rows, dtype=_F32, device=dev)
         # per sample: LN mean and the channel sums of the first two rows

@@ -5,7 +5,6 @@ import functools
 from typing import NamedTuple
 
 import torch
-import triton
 
 # elements per tile of the big tensor: 8 per thread of 8 warps (a tile
 # spans several rows, and each thread keeps per-row coefficients for its
@@ -18,6 +17,17 @@ _MAX_CHANNELS_PER_TILE = 128
 _MAX_SPLITS = 256
 # enough programs to fill a GPU: this many per multiprocessor
 _PROGRAMS_PER_SM = 4
+
+
+def cdiv(a: int, b: int) -> int:
+    # triton.cdiv and triton.next_power_of_2 are constexpr functions in
+    # triton 3.8, whose wrapper costs microseconds a call on the host
+    return -(-a // b)
+
+
+def next_power_of_2(v: int) -> int:
+    """The smallest power of 2 >= v, at least 1."""
+    return 1 << max(v - 1, 0).bit_length()
 
 
 class Tiles(NamedTuple):
@@ -42,39 +52,41 @@ def plan_tiles(n: int, c: int, length: int, channels_contiguous: bool,
     are too few tiles of whole rows to fill ``min_programs`` programs:
     64 rows of 12544 positions need splitting, 65536 rows of 49 do not.
     """
-    np2 = triton.next_power_of_2
+    np2 = next_power_of_2
     if channels_contiguous:
         block_c = min(np2(c), _MAX_CHANNELS_PER_TILE, tile)
         block_l = min(np2(length), max(1, tile // block_c))
     else:
         block_l = min(np2(length), _MAX_POSITIONS_PER_TILE, tile)
         block_c = min(np2(c), max(1, tile // block_l))
-    c_blocks = triton.cdiv(c, block_c)
+    c_blocks = cdiv(c, block_c)
     whole_rows = n * c_blocks
-    l_blocks = triton.cdiv(length, block_l)
+    l_blocks = cdiv(length, block_l)
     splits = 1
     if 0 < whole_rows < min_programs and l_blocks > 1:
-        splits = min(l_blocks, triton.cdiv(min_programs, whole_rows),
+        splits = min(l_blocks, cdiv(min_programs, whole_rows),
                      _MAX_SPLITS)
-    chunk = max(1, triton.cdiv(l_blocks, splits)) * block_l
-    splits = max(1, triton.cdiv(length, chunk))
+    chunk = max(1, cdiv(l_blocks, splits)) * block_l
+    splits = max(1, cdiv(length, chunk))
     num_warps = 8 if block_c * block_l >= 2048 else 4
     return Tiles(block_c, block_l, c_blocks, splits, chunk,
                  whole_rows * splits, num_warps)
 
 
+@functools.lru_cache(maxsize=512)
 def sample_blocks(n: int, c: int, tile: int):
     """(BLOCK_N, BLOCK_C) of the per-sample kernels: whole rows of the
     (N, C) statistics, several samples per program when C is small."""
-    block_c = min(triton.next_power_of_2(c), tile)
-    block_n = min(triton.next_power_of_2(n), max(1, tile // block_c))
+    block_c = min(next_power_of_2(c), tile)
+    block_n = min(next_power_of_2(n), max(1, tile // block_c))
     return block_n, block_c
 
 
+@functools.lru_cache(maxsize=512)
 def column_blocks(n: int, c: int, tile: int):
     """(BLOCK_N, BLOCK_C) of the per-channel kernel."""
-    block_n = min(triton.next_power_of_2(n), 64, tile)
-    block_c = min(triton.next_power_of_2(c), max(1, tile // block_n))
+    block_n = min(next_power_of_2(n), 64, tile)
+    block_c = min(next_power_of_2(c), max(1, tile // block_n))
     return block_n, block_c
 
 
