@@ -434,8 +434,19 @@ def run(args, common) -> None:
                       file=sys.stderr, flush=True)
                 compile_it = args.compile_every > 0 and \
                     i % args.compile_every == 0
-                rows.append((shape, bench_shape(common, shape, dtype, args,
-                                                device, timer, compile_it)))
+                try:
+                    res = bench_shape(common, shape, dtype, args, device,
+                                      timer, compile_it)
+                except Exception as exc:
+                    if not compile_it:
+                        raise
+                    # a failed compile costs the column, not the run
+                    report(f'(torch.compile failed on {shape}: '
+                           f'{type(exc).__name__}: {exc})\n')
+                    torch._dynamo.reset()
+                    res = bench_shape(common, shape, dtype, args, device,
+                                      timer, False)
+                rows.append((shape, res))
             results[dtype] = rows
             shape_tables(report, rows, dtype)
             summary(report, rows, dtype)
@@ -444,8 +455,13 @@ def run(args, common) -> None:
             for dtype in dtypes:
                 print(f'[ResNet-50 {_name(dtype)}]', file=sys.stderr,
                       flush=True)
-                step_ratios[dtype] = bench_resnet50(common, report, args,
-                                                    dtype, device, timer)
+                try:
+                    step_ratios[dtype] = bench_resnet50(
+                        common, report, args, dtype, device, timer)
+                except Exception as exc:  # report the rest regardless
+                    report(f'(ResNet-50, {_name(dtype)}, failed: '
+                           f'{type(exc).__name__}: {exc})\n')
+                    step_ratios[dtype] = float('nan')
         targets(report, results, step_ratios)
         # tuning information last: a run cut short loses it first
         if args.triton_tiles:
