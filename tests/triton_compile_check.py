@@ -32,21 +32,26 @@ from mmsn.ops.backends import triton_kernels
 F32 = torch.float32
 
 
-# (shape, layout, dtype, min_programs): every layout, dtype and path
+# (shape, layout, dtype, TritonBackend options): every layout, dtype and
+# path, and the tiny tiles of tests/test_triton_backend.py (blocks of 1)
+TINY = dict(tile=16, small_tile=2, min_programs=8)
 CASES = [
-    ((4, 6, 7, 5), 'nchw', F32, 1),
-    ((4, 6, 7, 5), 'nchw', torch.bfloat16, 1),
-    ((4, 6, 7, 5), 'channels_last', torch.float16, 1),
-    ((2, 3, 64, 64), 'nchw', F32, 1024),  # split rows
-    ((2, 5, 3, 3, 4), 'channels_last', F32, 1),
-    ((8, 5), 'nchw', F32, 1),  # one position per row
+    ((4, 6, 7, 5), 'nchw', F32, {}),
+    ((4, 6, 7, 5), 'nchw', torch.bfloat16, {}),
+    ((4, 6, 7, 5), 'channels_last', torch.float16, {}),
+    ((2, 3, 64, 64), 'nchw', F32, dict(min_programs=1024)),  # split rows
+    ((2, 5, 3, 3, 4), 'channels_last', F32, {}),
+    ((8, 5), 'nchw', F32, {}),  # one position per row
+    ((3, 4, 5, 3), 'nchw', F32, TINY),
+    ((2, 5, 4, 7), 'channels_last', F32, TINY),
 ]
 # ResNet-50 shapes with an H100's 4 programs per multiprocessor
+H100 = dict(min_programs=528)
 RESNET_CASES = [
-    ((8, 64, 112, 112), 'nchw', F32, 528),
-    ((8, 2048, 7, 7), 'nchw', torch.bfloat16, 528),
-    ((8, 256, 56, 56), 'channels_last', torch.bfloat16, 528),
-    ((32, 2048, 7, 7), 'channels_last', F32, 528),
+    ((8, 64, 112, 112), 'nchw', F32, H100),
+    ((8, 2048, 7, 7), 'nchw', torch.bfloat16, H100),
+    ((8, 256, 56, 56), 'channels_last', torch.bfloat16, H100),
+    ((32, 2048, 7, 7), 'channels_last', F32, H100),
 ]
 
 
@@ -62,14 +67,14 @@ def record_launches(cases):
     triton_backend._launch = record
     triton_backend.kernels_interpreted = lambda: True
     try:
-        for shape, layout, dtype, min_programs in cases:
+        for shape, layout, dtype, options in cases:
             x = torch.empty(shape, dtype=dtype)
             if layout == 'channels_last':
                 x = x.contiguous(memory_format=torch.channels_last
                                  if x.dim() == 4 else torch.channels_last_3d)
             n, c = shape[:2]
             x3 = x.reshape(n, c, -1)
-            backend = triton_backend.TritonBackend(min_programs=min_programs)
+            backend = triton_backend.TritonBackend(**options)
             _exercise(backend, x3)
     finally:
         triton_backend._launch, triton_backend.kernels_interpreted = saved
