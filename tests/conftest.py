@@ -9,6 +9,13 @@ from mmengine.registry import DefaultScope
 # tests/ holds shared helpers (sn_reference, _data) imported by name
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter
+# (tests/test_triton_backend.py). Triton reads TRITON_INTERPRET when it
+# decorates a kernel, its own library included, so it must be set before
+# anything imports triton (importing mmsn does, through torch._dynamo).
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
 # The tests use small tensors: one intra-op thread avoids OpenMP spin-waits,
 # which slow small ops by 50x on a busy 2-core machine. Set
 # MMSN_TEST_THREADS to change it.

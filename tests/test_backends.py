@@ -87,17 +87,26 @@ def test_forced_compiled_on_another_device_is_a_clear_error():
             backends.backend_name('cuda')
 
 
-def test_forced_triton_needs_its_module_and_on_cpu_the_interpreter(
-        monkeypatch):
-    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(backends, '_triton_interpreted', lambda: False)
     layer = make_layer(SwitchableNorm2d)
     with backends.forced('triton'):
-        # either the module does not import, or CPU tensors need
-        # TRITON_INTERPRET=1: both are named
-        with pytest.raises(RuntimeError,
-                           match='MMSN_SN_PATH=triton.*(could not be '
-                           'imported|needs TRITON_INTERPRET=1)'):
+        with pytest.raises(RuntimeError, match='MMSN_SN_PATH=triton on a CPU '
+                           'tensor needs TRITON_INTERPRET=1'):
             layer(make_input((2, 6, 3, 3)))
+
+
+def test_forced_triton_without_its_module_names_the_import_error(
+        monkeypatch):
+    # None in sys.modules makes the import raise ImportError
+    monkeypatch.setitem(sys.modules, 'mmsn.ops.backends.triton', None)
+    monkeypatch.setattr(backends, '_triton', {})
+    layer = make_layer(SwitchableNorm2d)
+    with backends.forced('triton'):
+        with pytest.raises(RuntimeError, match='MMSN_SN_PATH=triton: '
+                           'mmsn.ops.backends.triton could not be imported'):
+            layer(make_input((2, 6, 3, 3)))
+    assert backends.backend_name('cuda') == 'generic'
 
 
 @pytest.fixture
@@ -110,6 +119,7 @@ def stub_triton_module(monkeypatch):
         name = 'triton'
 
     module.TritonBackend = TritonBackend
+    module.kernels_interpreted = lambda: True  # so CPU tensors may use it
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(backends, '_triton', {})
     return TritonBackend
@@ -124,7 +134,6 @@ def test_triton_backend_is_picked_up_when_it_imports(stub_triton_module,
     y_ref, _ = reference_sn(x, *(getattr(layer, n) for n in PARAMS),
                             (layer.running_mean, layer.running_var),
                             training=True)
-    monkeypatch.setenv('TRITON_INTERPRET', '1')
     with backends.forced('triton'):
         assert isinstance(backends.select(x), stub_triton_module)
         torch.testing.assert_close(layer(x), y_ref)

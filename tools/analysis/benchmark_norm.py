@@ -16,14 +16,20 @@ columns alike:
    and GN's kernels, with the bandwidth each pass reaches over the bytes it
    must move.
 
+``--device cuda`` writes the GPU report instead (benchmark_norm_cuda.py:
+float32 and bf16, torch.compile of the composite path, ResNet-50 at batch
+32 with AMP, the Triton kernels pass by pass, the targets).
+
 Usage::
 
     python tools/analysis/benchmark_norm.py               # full run
     python tools/analysis/benchmark_norm.py --quick       # 4 shapes, few reps
-    python tools/analysis/benchmark_norm.py --device cuda --dtype bfloat16
+    python tools/analysis/benchmark_norm.py --device cuda \
+        --output docs/benchmark_gpu.md
 """
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -73,9 +79,9 @@ class AuthorsSN(nn.Module):
         if self.training:
             mean_bn = mean_in.mean(0, keepdim=True)
             var_bn = second.mean(0, keepdim=True) - mean_bn**2
-            with torch.no_grad():
-                self.running_mean.lerp_(mean_bn, self.momentum)
-                self.running_var.lerp_(var_bn, self.momentum)
+            with torch.no_grad():  # (in float32 under autocast)
+                self.running_mean.lerp_(mean_bn.float(), self.momentum)
+                self.running_var.lerp_(var_bn.float(), self.momentum)
         else:
             mean_bn, var_bn = self.running_mean, self.running_var
         mw = torch.softmax(self.mean_weight, 0)
@@ -252,7 +258,10 @@ def summarize(rows, weights):
     print(f'| SN memory for backward / input (max) | {worst:.3f} | |')
 
 
-def bench_resnet50(args, device, timer):
+def resnet50_steps(device, dtype, batch):
+    """ResNet-50s (mmpretrain) with BN and with SN, and makers of a closure
+    running one training step (forward, loss, backward, SGD step) or one
+    eval forward of either, under autocast unless ``dtype`` is float32."""
     from mmpretrain.models import ResNet
 
     def build(norm):
@@ -263,15 +272,14 @@ def bench_resnet50(args, device, timer):
         return model
 
     models = {'BN': build('BN'), 'SN': build('SN')}
-    batch = args.resnet_batch
     x = torch.randn(batch, 3, 224, 224, device=device)
     target = torch.randint(0, 1000, (batch, ), device=device)
     opts = {
         k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
         for k, m in models.items()
     }
-    autocast = (torch.autocast(device.type, dtype=args.dtype)
-                if args.dtype != torch.float32 else _Null())
+    autocast = (torch.autocast(device.type, dtype=dtype)
+                if dtype != torch.float32 else _Null())
 
     def train_step(k):
         model, opt = models[k], opts[k]
@@ -292,6 +300,13 @@ def bench_resnet50(args, device, timer):
                 model(x)
         return fn
 
+    return models, train_step, eval_forward
+
+
+def bench_resnet50(args, device, timer):
+    batch = args.resnet_batch
+    models, train_step, eval_forward = resnet50_steps(device, args.dtype,
+                                                      batch)
     for m in models.values():
         m.train()
     train = interleaved_medians({k: train_step(k) for k in models},
@@ -386,26 +401,58 @@ class _Null:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--dtype', default='float32',
-                        choices=['float32', 'bfloat16', 'float16'])
+    parser.add_argument('--dtype', default=None,
+                        choices=['float32', 'bfloat16', 'float16'],
+                        help='default: float32 on the CPU; float32 and '
+                        'bfloat16 on CUDA')
     parser.add_argument('--quick', action='store_true',
                         help='4 shapes and few repetitions')
     parser.add_argument('--reps', type=int, default=None)
     parser.add_argument('--batches', type=int, nargs='+', default=[32, 8])
-    parser.add_argument('--resnet-batch', type=int, default=8)
+    parser.add_argument('--resnet-batch', type=int, default=None,
+                        help='default: 8 on the CPU, 32 on CUDA')
     parser.add_argument('--resnet-reps', type=int, default=None)
     parser.add_argument('--skip-resnet', action='store_true')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch.set_num_threads (CPU)')
+    cuda = parser.add_argument_group('GPU report (--device cuda)')
+    cuda.add_argument('--gpu-report', action='store_true',
+                      help='write the GPU report on any device (a dry run '
+                      'on the CPU)')
+    cuda.add_argument('--shapes', nargs='+', metavar='N,C,HW',
+                      help='these shapes instead of ResNet-50\'s')
+    cuda.add_argument('--output', help='also write the report here '
+                      '(default with --device cuda: docs/benchmark_gpu.md)')
+    cuda.add_argument('--sn-path', default='',
+                      help='force mmsn\'s SN path (MMSN_SN_PATH values)')
+    cuda.add_argument('--compile-every', type=int, default=4,
+                      help='torch.compile the composite path on every '
+                      'Nth shape (0: never); each compile takes seconds')
+    cuda.add_argument('--triton-tiles', type=int, nargs='*', default=[2048],
+                      help='tile sizes of the Triton pass-by-pass table')
     args = parser.parse_args()
-    args.dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    cuda_run = device.type == 'cuda' or args.gpu_report
+    if args.dtype is not None:
+        args.dtype = getattr(torch, args.dtype)
+    elif not cuda_run:
+        args.dtype = torch.float32
     if args.reps is None:
-        args.reps = 5 if args.quick else 11
+        args.reps = 5 if args.quick else (25 if cuda_run else 11)
     if args.resnet_reps is None:
-        args.resnet_reps = 3 if args.quick else 7
+        args.resnet_reps = 3 if args.quick else (10 if cuda_run else 7)
+    if args.resnet_batch is None:
+        args.resnet_batch = 32 if cuda_run else 8
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    if cuda_run:
+        if args.output is None and not args.gpu_report:
+            args.output = os.path.join(os.path.dirname(__file__), '..', '..',
+                                       'docs', 'benchmark_gpu.md')
+        # the sibling module (on sys.path as this script's folder)
+        import benchmark_norm_cuda
+        benchmark_norm_cuda.run(args, sys.modules[__name__])
+        return
     timer = Timer(device)
 
     if args.quick:

@@ -98,6 +98,11 @@ def _triton_backend() -> Optional[RowBackend]:
     return _triton['backend']
 
 
+def _triton_interpreted() -> bool:
+    module = importlib.import_module(f'{__name__}.triton')
+    return module.kernels_interpreted()
+
+
 def _warn_native_once() -> None:
     global _warned_native
     if _warned_native or os.environ.get('MMSN_WITH_OPS') == '0':
@@ -140,9 +145,10 @@ def _backend(path: str, device: torch.device) -> RowBackend:
         if _triton_backend() is None:
             raise RuntimeError('MMSN_SN_PATH=triton: mmsn.ops.backends.triton '
                                f'could not be imported ({_triton["error"]})')
-        if device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':
+        if device.type == 'cpu' and not _triton_interpreted():
             raise RuntimeError('MMSN_SN_PATH=triton on a CPU tensor needs '
-                               'TRITON_INTERPRET=1 (Triton\'s interpreter)')
+                               'TRITON_INTERPRET=1 (Triton\'s interpreter) '
+                               'set before triton is imported')
         return _triton['backend']
     return _native if path == 'native' else _generic
 
@@ -174,7 +180,12 @@ def select(x: Tensor) -> Optional[RowBackend]:
         # shapes only (model-size tools, deferred init): the generic ops
         # have meta kernels, whatever path is forced
         return _generic
-    return _backend(path, device)
+    backend = _backend(path, device)
+    if x.dtype == torch.float64 and x.dtype not in backend.input_dtypes:
+        # never compute float64 input in lower precision (Triton's kernels
+        # are float32)
+        return _generic
+    return backend
 
 
 __all__ = [
