@@ -19,8 +19,8 @@ import importlib
 
 from torch import nn
 
-from mmsn.models.norms.switchable_norm import (SyncSwitchableNorm,
-                                               _SwitchableNorm)
+from mmsn.models.norms import SyncSwitchableNorm
+from mmsn.models.norms.switchable_norm import _SwitchableNorm
 
 IMPORTANCE_PARAMS = ('mean_weight', 'var_weight')
 
