@@ -4,11 +4,12 @@ from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import mmsn  # noqa: F401  (registers the hook)
 from mmsn import SwitchableNorm2d
 from sn_reference import batch_stats
+from test_importance import ToyData as Data
 
 BATCH = 4
 FILL_SAMPLES = 8  # two batches
@@ -31,17 +32,6 @@ class Net(BaseModel):
         if mode == 'loss':
             return dict(loss=nn.functional.cross_entropy(logits, labels))
         return logits
-
-
-class Data(Dataset):
-
-    def __len__(self):
-        return 16
-
-    def __getitem__(self, i):
-        gen = torch.Generator().manual_seed(i)
-        return dict(inputs=torch.randn((1, 6, 6), generator=gen) + i % 2,
-                    labels=i % 2)
 
 
 class Recorder(Hook):
