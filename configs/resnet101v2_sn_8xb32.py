@@ -5,7 +5,7 @@ _base_ = [
     './_base_/models/resnet101v2_sn.py',
     './_base_/datasets/imagenet_bs32_lighting.py',
     './_base_/schedules/imagenet_bs256_120e_warmup_coslr.py',
-    'mmpretrain::_base_/default_runtime.py',
+    './_base_/default_runtime.py',
 ]
 
 train_dataloader = dict(batch_size=32)

@@ -5,7 +5,7 @@ _base_ = [
     './_base_/models/resnet50_sn.py',
     './_base_/datasets/imagenet_bs32_lighting.py',
     'mmpretrain::_base_/schedules/imagenet_bs256.py',
-    'mmpretrain::_base_/default_runtime.py',
+    './_base_/default_runtime.py',
 ]
 
 train_dataloader = dict(batch_size=32)

@@ -4,6 +4,7 @@ import os.path as osp
 
 import numpy as np
 import pytest
+import torch
 from mmengine.config import Config
 
 import mmsn  # noqa: F401
@@ -63,22 +64,78 @@ def test_pipeline_packs_one_channel_images():
     assert sample['data_samples'].gt_label.item() in range(10)
 
 
-def test_demo_config_trains_a_few_iterations(tmp_path):
+# The demo reached 98.89 (355 of 359) where the README says; this leaves
+# three images for other platforms' arithmetic. A wrong SN, or a demo that no
+# longer learns, falls well below.
+KNOWN_TOP1 = 98.0
+
+
+@pytest.fixture(scope='module')
+def trained_demo(tmp_path_factory):
+    """The demo config trained as ``tools/run_demo.sh`` does (8 epochs)."""
     from mmengine.runner import Runner
+    work_dir = tmp_path_factory.mktemp('demo')
     cfg = Config.fromfile(DEMO_CONFIG)
-    cfg.work_dir = str(tmp_path)
-    cfg.train_cfg = dict(by_epoch=False, max_iters=6, val_interval=6)
-    cfg.param_scheduler = []
-    cfg.default_hooks.logger.interval = 3
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=6,
-                                        by_epoch=False)
-    cfg.custom_hooks = [dict(type='SNImportanceLoggerHook', interval=3)]
+    cfg.work_dir = str(work_dir)
     runner = Runner.from_cfg(cfg)
     runner.train()
     metrics = runner.val_loop.run()
-    assert 0 <= metrics['accuracy/top1'] <= 100
-    assert (tmp_path / 'iter_6.pth').exists()
-    scalars = next(tmp_path.glob('*/vis_data/scalars.json'))
+    return work_dir, runner, metrics
+
+
+def test_demo_reaches_its_accuracy(trained_demo):
+    work_dir, runner, metrics = trained_demo
+    assert metrics['accuracy/top1'] >= KNOWN_TOP1
+    assert (work_dir / 'epoch_8.pth').exists()
+    scalars = next(work_dir.glob('*/vis_data/scalars.json'))
     lines = [json.loads(x) for x in scalars.read_text().splitlines()]
     assert any('loss' in x for x in lines)
     assert any('sn_importance/backbone.sn1/mean_bn' in x for x in lines)
+    # batch average, filled after the last epoch from the whole train split
+    # (1438 // 32 = 44 batches) with the final weights
+    from mmsn.models.norms.switchable_norm import _SwitchableNorm
+    sns = [m for m in runner.model.modules()
+           if isinstance(m, _SwitchableNorm)]
+    assert sns and all(not m.moving_average for m in sns)
+    assert {int(m.num_batches_tracked) for m in sns} == {44}
+    log = next(work_dir.glob('*/*.log')).read_text()
+    assert 'advise batch average' not in log
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGB'])
+def test_inferencer_reads_image_files(trained_demo, tmp_path, mode):
+    """ImageClassificationInferencer on image files (grey or colour) gives
+    the scores the model gives the dataset's own samples."""
+    from mmpretrain.apis import ImageClassificationInferencer
+    from mmpretrain.registry import DATASETS
+    from mmengine.registry import DefaultScope
+    from PIL import Image
+    work_dir, runner, _ = trained_demo
+    cfg = Config.fromfile(DEMO_CONFIG)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        dataset = DATASETS.build(cfg.test_dataloader.dataset)
+    count = 12
+    files, labels = [], []
+    for i in range(count):
+        info = dataset.get_data_info(i)
+        path = tmp_path / f'digit_{i}.png'
+        Image.fromarray(info['img']).convert(mode).save(path)
+        files.append(str(path))
+        labels.append(info['gt_label'])
+    inferencer = ImageClassificationInferencer(
+        DEMO_CONFIG, pretrained=str(work_dir / 'epoch_8.pth'), device='cpu')
+    results = inferencer(files)
+
+    model = inferencer.model
+    with torch.no_grad():
+        batch = [dataset[i] for i in range(count)]
+        data = model.data_preprocessor(
+            dict(inputs=[b['inputs'] for b in batch],
+                 data_samples=[b['data_samples'] for b in batch]), False)
+        expected = model(**data, mode='predict')
+    for result, sample in zip(results, expected):
+        np.testing.assert_allclose(result['pred_scores'],
+                                   sample.pred_score.numpy(), rtol=1e-5,
+                                   atol=1e-6)
+    correct = sum(r['pred_label'] == y for r, y in zip(results, labels))
+    assert correct >= count - 1

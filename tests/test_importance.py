@@ -138,6 +138,32 @@ def test_layers_without_bn_branch():
     assert table.splitlines()[2].count('-') >= 2  # empty BN cells
 
 
+@pytest.mark.parametrize('mean_bn,var_bn,flagged', [
+    (0.2, 0.2, False),
+    (0.5, 0.2, True),   # the mean leans on BN
+    (0.2, 0.5, True),   # the variance leans on BN
+    (0.29, 0.29, False),  # both just below the threshold
+])
+def test_flag_looks_at_mean_and_variance_shares(mean_bn, var_bn, flagged):
+    def logits(bn_share):
+        # IN and LN split the rest evenly
+        rest = (1 - bn_share) / 2
+        return torch.tensor([rest, rest, bn_share]).log()
+
+    layer = SwitchableNorm2d(4)
+    with torch.no_grad():
+        layer.mean_weight.copy_(logits(mean_bn))
+        layer.var_weight.copy_(logits(var_bn))
+    record, = collect_importance(layer)
+    assert record.mean[2] == pytest.approx(mean_bn)
+    assert record.var[2] == pytest.approx(var_bn)
+    assert record.should_use_batch_average() is flagged
+    assert bool(flagged_layers([record])) is flagged
+    # a batch-average layer is never flagged
+    layer.moving_average = False
+    assert not flagged_layers(collect_importance(layer))
+
+
 # -- the hook in a real (tiny) training run ----------------------------------
 class ToySN(BaseModel):
 

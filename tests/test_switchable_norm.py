@@ -1,7 +1,10 @@
 """SN layers against the equations (tests/sn_reference.py) and PyTorch's own
 BN/IN/GN."""
 import math
+import re
 import warnings
+
+import numpy as np
 
 import pytest
 import torch
@@ -135,16 +138,13 @@ GRADCHECK_ARITIES = [
 
 
 @pytest.mark.parametrize('cls,shape', GRADCHECK_ARITIES, ids=ARITY_IDS)
-@pytest.mark.parametrize('using_bn,moving_average', [(True, True),
-                                                     (True, False),
-                                                     (False, True)],
-                         ids=['bn-moving', 'bn-batch-average', 'no-bn'])
+# (moving_average only decides how the running statistics are updated, which
+# has no gradient: it is tested with the running statistics)
+@pytest.mark.parametrize('using_bn', [True, False], ids=['bn', 'no-bn'])
 @pytest.mark.parametrize('training', [True, False])
 @pytest.mark.parametrize('unbiased', [True, False])
-def test_gradcheck_float64(cls, shape, using_bn, moving_average, training,
-                           unbiased):
-    layer = make_layer(cls, using_bn, unbiased=unbiased,
-                       moving_average=moving_average).train(training)
+def test_gradcheck_float64(cls, shape, using_bn, training, unbiased):
+    layer = make_layer(cls, using_bn, unbiased=unbiased).train(training)
     x = make_input(shape).requires_grad_()
     _gradcheck_layer(layer, x)
 
@@ -288,6 +288,147 @@ def test_wrong_number_of_channels_is_a_clear_error():
         SwitchableNorm2d(C)(torch.randn(2, 5, 3, 3))
 
 
+# Every row: constructor arguments -> the exact error (the message names the
+# argument), for every SN class.
+BAD_ARGUMENTS = [
+    (dict(num_features=0), ValueError,
+     'num_features must be a positive int, got 0'),
+    (dict(num_features=-3), ValueError,
+     'num_features must be a positive int, got -3'),
+    (dict(num_features=6.0), TypeError,
+     'num_features must be a positive int, got 6.0 (float)'),
+    (dict(num_features=True), TypeError,
+     'num_features must be a positive int, got True (bool)'),
+    (dict(eps=-1), ValueError, 'eps must be a positive finite float, got -1'),
+    (dict(eps=0.0), ValueError,
+     'eps must be a positive finite float, got 0.0'),
+    (dict(eps=math.nan), ValueError,
+     'eps must be a positive finite float, got nan'),
+    (dict(eps=math.inf), ValueError,
+     'eps must be a positive finite float, got inf'),
+    (dict(eps='1e-5'), TypeError,
+     "eps must be a positive float, got '1e-5' (str)"),
+    (dict(momentum=2.0), ValueError,
+     'momentum must be in [0, 1] or None, got 2.0'),
+    (dict(momentum=-0.1), ValueError,
+     'momentum must be in [0, 1] or None, got -0.1'),
+    (dict(momentum=math.nan), ValueError,
+     'momentum must be in [0, 1] or None, got nan'),
+    (dict(momentum='0.1'), TypeError,
+     "momentum must be a float in [0, 1] or None, got '0.1' (str)"),
+    (dict(using_bn='no'), TypeError,
+     "using_bn must be True or False, got 'no' (str)"),
+    (dict(moving_average=0), TypeError,
+     'moving_average must be True or False, got 0 (int)'),
+    (dict(unbiased=None), TypeError,
+     'unbiased must be True or False, got None (NoneType)'),
+    (dict(affine='yes'), TypeError,
+     "affine must be True or False, got 'yes' (str)"),
+    (dict(last_gamma=1), TypeError,
+     'last_gamma must be True or False, got 1 (int)'),
+    (dict(requires_grad='false'), TypeError,
+     "requires_grad must be True or False, got 'false' (str)"),
+]
+ALL_CLASSES = [SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
+               SyncSwitchableNorm]
+
+
+@pytest.mark.parametrize('cls', ALL_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize('kwargs,error,message', BAD_ARGUMENTS,
+                         ids=[repr(r[0]) for r in BAD_ARGUMENTS])
+def test_bad_constructor_arguments_table(cls, kwargs, error, message):
+    kwargs = dict(dict(num_features=C), **kwargs)
+    with pytest.raises(error, match='^' + re.escape(message) + '$'):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(momentum=None), dict(momentum=0), dict(momentum=1),
+    dict(eps=1e-12), dict(num_features=np.int64(C))
+], ids=repr)
+def test_edge_arguments_are_accepted(kwargs):
+    kwargs = dict(dict(num_features=C), **kwargs)
+    layer = SwitchableNorm2d(**kwargs)
+    for name, value in kwargs.items():
+        assert getattr(layer, name) == value
+
+
+def test_bad_argument_through_the_registry_keeps_the_message():
+    from mmcv.cnn import build_norm_layer
+    with pytest.raises(TypeError,
+                       match="using_bn must be True or False, got 'no'"):
+        build_norm_layer(dict(type='SN', using_bn='no'), C)
+
+
+def _overflowing_input():
+    # finite in float32, but its squared deviations are not (above ~1.8e19)
+    return torch.randn(2, C, 3, 3, generator=torch.Generator().manual_seed(
+        3)) * 4e19
+
+
+def _with(value):
+    x = make_input((2, C, 3, 3), torch.float32)
+    x[1, 2, 0, 0] = value
+    return x
+
+
+def _nan_in_sample_1_and_channel_2(x, y):
+    """Where a bad value at (1, 2) reaches: its sample's LN statistics and
+    its channel's BN statistics, nothing else."""
+    expected = torch.zeros_like(y, dtype=torch.bool)
+    expected[1] = True
+    expected[:, 2] = True
+    return torch.equal(y.isnan(), expected)
+
+
+# Every row: a training-mode input -> the exact warning (None: none) and
+# output of a fresh SwitchableNorm2d(C) (gamma 1, beta 0); the running
+# statistics move only where no warning is given.
+BAD_INPUTS = [
+    ('finite-overflowing-float32', _overflowing_input, lambda x: (
+        'SwitchableNorm2d: the batch statistics overflowed float32 although '
+        f'the input is finite (largest |x| = {float(x.abs().max()):.3g}; '
+        'squared deviations do not fit float32 beyond |x| ~ 1.8e+19), so '
+        'the output does not normalize the input; running statistics keep '
+        'their last value. Scale the input down or run this layer in '
+        'float64.'), lambda x, y: torch.equal(y, torch.zeros_like(y))),
+    ('nan', lambda: _with(math.nan), lambda x: (
+        'SwitchableNorm2d: non-finite batch statistics (NaN or Inf in the '
+        'input); running statistics keep their last value.'),
+     _nan_in_sample_1_and_channel_2),
+    ('inf', lambda: _with(math.inf), lambda x: (
+        'SwitchableNorm2d: non-finite batch statistics (NaN or Inf in the '
+        'input); running statistics keep their last value.'),
+     _nan_in_sample_1_and_channel_2),
+    ('same-scale-in-float64', lambda: _overflowing_input().double(),
+     lambda x: None, lambda x, y: torch.allclose(
+         y, reference_sn(x, *(torch.full((n, ), v, dtype=x.dtype)
+                              for n, v in ((C, 1), (C, 0), (3, 1), (3, 1))),
+                         (None, None))[0],
+         rtol=1e-9, atol=1e-9)),
+    ('empty-batch', lambda: torch.randn(0, C, 3, 3), lambda x: None,
+     lambda x, y: y.shape == x.shape),
+]
+
+
+@pytest.mark.parametrize('make_x,expected_warning,output_is_expected',
+                         [r[1:] for r in BAD_INPUTS],
+                         ids=[r[0] for r in BAD_INPUTS])
+def test_bad_input_table(make_x, expected_warning, output_is_expected):
+    x = make_x()
+    layer = SwitchableNorm2d(C).to(x.dtype)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    message = expected_warning(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        y = layer(x)
+    assert [str(w.message) for w in caught] == ([message] if message else [])
+    assert output_is_expected(x, y)
+    kept = message is not None or x.numel() == 0
+    for k in ('running_mean', 'running_var', 'num_batches_tracked'):
+        assert torch.equal(layer.state_dict()[k], state[k]) == kept, k
+
+
 @pytest.mark.parametrize('unbiased', [True, False])
 def test_1x1_spatial_input_is_finite_and_correct(unbiased):
     # The authors' layer returns NaN here (unbiased variance of one value).
@@ -357,43 +498,45 @@ def test_low_precision_keeps_statistics_in_float32(low):
 
 
 def test_autocast_bfloat16_on_cpu():
-    """Under autocast SN takes the bfloat16 conv output, computes in float32
-    and returns bfloat16: the output and the input gradient are the exact
-    results (float64 reference on the same bfloat16 values) rounded once,
-    the parameter gradients and running statistics exact to float32."""
+    """Under autocast the layer computes in float32 on the bfloat16 values:
+    its output and input gradient are the float32 layer's rounded to
+    bfloat16, its parameter gradients the float32 layer's, all within
+    rounding of the float64 equations."""
+    torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, C, 3)
     layer = make_layer(SwitchableNorm2d, dtype=torch.float32)
-    ref_layer = make_layer(SwitchableNorm2d)
-    running_before = (layer.running_mean.clone(), layer.running_var.clone())
     x = torch.randn(4, 3, 8, 8)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         h = conv(x)
+        h.retain_grad()
         y = layer(h)
     assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
     assert layer.running_mean.dtype == torch.float32
-    h.retain_grad()
-    # the upstream gradient reaches SN rounded to bfloat16
-    g = torch.randn(y.shape).bfloat16()
-    y.float().backward(g.float())
+    # an upstream gradient that bfloat16 holds exactly
+    grad_out = torch.randn(y.shape).to(torch.bfloat16)
+    y.backward(grad_out)
 
-    h_ref = h.detach().double().requires_grad_()
-    y_ref, (mean_bn, var_bn) = reference_for(ref_layer, h_ref, True)
-    y_ref.backward(g.double())
-    rounded = dict(rtol=torch.finfo(torch.bfloat16).eps, atol=1e-5,
-                   check_dtype=False)
-    torch.testing.assert_close(y, y_ref, **rounded)
-    torch.testing.assert_close(h.grad, h_ref.grad, **rounded)
-    exact = dict(rtol=1e-5, atol=1e-5, check_dtype=False)
+    f32 = make_layer(SwitchableNorm2d, dtype=torch.float32)
+    h32 = h.detach().float().requires_grad_()
+    y32 = f32(h32)
+    y32.backward(grad_out.float())
+    assert torch.equal(y, y32.to(torch.bfloat16))
+    assert torch.equal(h.grad, h32.grad.to(torch.bfloat16))
     for name in ('weight', 'bias', 'mean_weight', 'var_weight'):
-        torch.testing.assert_close(
-            getattr(layer, name).grad, getattr(ref_layer, name).grad,
-            **exact, msg=lambda m: f'{name}: {m}')
-    torch.testing.assert_close(layer.running_mean,
-                               0.9 * running_before[0] + 0.1 * mean_bn,
-                               **exact)
-    torch.testing.assert_close(layer.running_var,
-                               0.9 * running_before[1] + 0.1 * var_bn,
-                               **exact)
+        assert torch.equal(getattr(layer, name).grad,
+                           getattr(f32, name).grad), name
+    assert torch.equal(layer.running_var, f32.running_var)
+
+    ref = make_layer(SwitchableNorm2d)
+    h64 = h.detach().double().requires_grad_()
+    y64, _ = reference_for(ref, h64, True)
+    y64.backward(grad_out.double())
+    # bfloat16 keeps 8 significant bits: half an ulp is 2^-9 relative
+    torch.testing.assert_close(y.double(), y64, rtol=2**-8, atol=2**-8)
+    for name in ('weight', 'bias', 'mean_weight', 'var_weight'):
+        torch.testing.assert_close(getattr(layer, name).grad.double(),
+                                   getattr(ref, name).grad, rtol=1e-5,
+                                   atol=1e-5, msg=name)
 
 
 def test_channels_last_matches_contiguous():

@@ -20,7 +20,11 @@ model = dict(
         strides=(1, 2),
         dilations=(1, 1),
         out_indices=(1, ),
-        norm_cfg=dict(type='SN', requires_grad=True)),
+        # The demo's layers learn a large BN share; there the SN authors
+        # advise batch average over moving averages: the BN statistics for
+        # eval are pooled over the training set with the final weights
+        # (SNBatchAverageHook below).
+        norm_cfg=dict(type='SN', requires_grad=True, moving_average=False)),
     neck=dict(type='GlobalAveragePooling'),
     head=dict(
         type='LinearClsHead',
@@ -39,7 +43,9 @@ train_pipeline = [
     dict(type='RandomCrop', crop_size=8, padding=1),
     dict(type='PackInputs'),
 ]
-test_pipeline = [dict(type='PackInputs')]
+# Image files load as 3-channel BGR (e.g. with ImageClassificationInferencer):
+# make them grey like the dataset's images.
+test_pipeline = [dict(type='ToGrayscale'), dict(type='PackInputs')]
 
 train_dataloader = dict(
     batch_size=32,
@@ -84,7 +90,13 @@ default_hooks = dict(
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='VisualizationHook', enable=False),
 )
-custom_hooks = [dict(type='SNImportanceLoggerHook', interval=45)]
+custom_hooks = [
+    dict(type='SNImportanceLoggerHook', interval=45),
+    # before each validation (every 4 epochs) and the final checkpoint
+    dict(type='SNBatchAverageHook', num_samples=1438, interval=4),
+    # resuming (--resume) repeats the uninterrupted run exactly
+    dict(type='RNGStateHook'),
+]
 
 env_cfg = dict(
     cudnn_benchmark=False,

@@ -1,4 +1,5 @@
-"""Datasets, registered in mmpretrain's DATASETS."""
+"""Datasets and transforms, registered in mmpretrain's registries."""
 from .digits import SklearnDigits, digits_split
+from .transforms import ToGrayscale
 
-__all__ = ['SklearnDigits', 'digits_split']
+__all__ = ['SklearnDigits', 'digits_split', 'ToGrayscale']

@@ -1,3 +1,3 @@
-from .hooks import SNBatchAverageHook, SNImportanceLoggerHook
+from .hooks import RNGStateHook, SNBatchAverageHook, SNImportanceLoggerHook
 
-__all__ = ['SNBatchAverageHook', 'SNImportanceLoggerHook']
+__all__ = ['SNBatchAverageHook', 'SNImportanceLoggerHook', 'RNGStateHook']

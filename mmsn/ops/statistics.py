@@ -216,10 +216,18 @@ def _share_grad(grad_mixed, row_sums, col_sums, stat_in, stat_ln, batch,
     ``sum_k share_k * stat_k`` (N, C) and its row/column sums."""
     # mul + sum rather than torch.dot: BLAS would thread a dot product of a
     # few thousand values
-    parts = [(grad_mixed * stat_in).sum(), (row_sums * stat_ln).sum()]
-    if col_sums is not None:
-        parts.append((col_sums * batch[index]).sum())
-    return torch.stack(parts)
+    if col_sums is None:
+        return torch.stack([(grad_mixed * stat_in).sum(),
+                            (row_sums * stat_ln).sum()])
+    # Summed around the BN statistic and the common part added once: with a
+    # large mean, the three sums would otherwise each round at the scale of
+    # the mean, and the softmax's backward takes their differences (SyncSN,
+    # whose per-process sums do not cancel as the joined batch's do).
+    ref = batch[index]
+    common = (col_sums * ref).sum()
+    return torch.stack([(grad_mixed * (stat_in - ref)).sum(),
+                        (grad_mixed * (stat_ln - ref)).sum(),
+                        common.new_zeros(())]) + common
 
 
 def small_backward(dot, sum_dy, mean_in, var_in, weight, w, u, ln, batch,

@@ -21,8 +21,8 @@ from typing import List
 
 from torch import nn
 
-from mmsn.models.norms.switchable_norm import (SyncSwitchableNorm,
-                                               _SwitchableNorm)
+from mmsn.models.norms import SyncSwitchableNorm
+from mmsn.models.norms.switchable_norm import _SwitchableNorm
 from .patches import Patch, Replacement, is_patched, replace, wraps_as
 
 IMPORTANCE_PARAMS = ('mean_weight', 'var_weight')

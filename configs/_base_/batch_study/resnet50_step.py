@@ -8,7 +8,7 @@ _base_ = [
     '../models/resnet50_sn.py',
     '../datasets/imagenet_bs32_lighting.py',
     'mmpretrain::_base_/schedules/imagenet_bs256.py',
-    'mmpretrain::_base_/default_runtime.py',
+    '../default_runtime.py',
 ]
 
 model = dict(backbone=dict(zero_init_residual=True))

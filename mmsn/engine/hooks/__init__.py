@@ -1,4 +1,5 @@
 from .batch_average_hook import SNBatchAverageHook
 from .importance_logger_hook import SNImportanceLoggerHook
+from .rng_state_hook import RNGStateHook
 
-__all__ = ['SNBatchAverageHook', 'SNImportanceLoggerHook']
+__all__ = ['SNBatchAverageHook', 'SNImportanceLoggerHook', 'RNGStateHook']

@@ -1,5 +1,6 @@
 from .switchable_norm import (SwitchableNorm1d, SwitchableNorm2d,
-                              SwitchableNorm3d, SyncSwitchableNorm)
+                              SwitchableNorm3d)
+from .sync_switchable_norm import SyncSwitchableNorm
 
 __all__ = [
     'SwitchableNorm1d', 'SwitchableNorm2d', 'SwitchableNorm3d',

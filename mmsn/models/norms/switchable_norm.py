@@ -8,11 +8,13 @@ OpenMMLab treats SN as a norm layer everywhere BN is special-cased
 ``mmsn.utils.compat`` keeps the BN-only tools (sync conversion, conv fusion)
 from silently turning it into BN.
 """
+import functools
+import math
+import numbers
 import warnings
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -23,6 +25,45 @@ from mmsn.ops import batch_stats_from_instance, switchable_norm
 # The default momentum depends on the arity (as in the authors' layers), and
 # momentum=None must stay expressible (cumulative average, as in BN).
 _ARITY_DEFAULT = object()
+
+
+def _check_arguments(num_features, eps, momentum, flags: dict) -> None:
+    """Refuse what BN would silently accept (a string flag is truthy, a
+    negative eps gives NaN), naming the argument."""
+    if isinstance(num_features, bool) or not isinstance(
+            num_features, numbers.Integral):
+        raise TypeError(f'num_features must be a positive int, got '
+                        f'{num_features!r} ({type(num_features).__name__})')
+    if num_features <= 0:
+        raise ValueError(
+            f'num_features must be a positive int, got {num_features}')
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f'eps must be a positive float, got {eps!r} '
+                        f'({type(eps).__name__})')
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f'eps must be a positive finite float, got {eps}')
+    if momentum is not None:
+        if isinstance(momentum, bool) or not isinstance(
+                momentum, numbers.Real):
+            raise TypeError(f'momentum must be a float in [0, 1] or None, '
+                            f'got {momentum!r} ({type(momentum).__name__})')
+        if not 0 <= momentum <= 1:
+            raise ValueError(
+                f'momentum must be in [0, 1] or None, got {momentum}')
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f'{name} must be True or False, got {value!r} '
+                            f'({type(value).__name__})')
+
+
+def _recomputing_in_backward() -> bool:
+    """Whether this forward is activation checkpointing's recomputation.
+
+    ``torch.utils.checkpoint`` (reentrant or not) reruns the forward inside
+    the backward pass; the running statistics were already updated by the
+    first forward and must not move twice per step.
+    """
+    return torch._C._current_graph_task_id() != -1
 
 
 class _SwitchableNorm(_BatchNorm):
@@ -72,6 +113,10 @@ class _SwitchableNorm(_BatchNorm):
                  dtype=None) -> None:
         if momentum is _ARITY_DEFAULT:
             momentum = self._default_momentum
+        flags = dict(affine=affine, using_bn=using_bn,
+                     moving_average=moving_average, unbiased=unbiased,
+                     last_gamma=last_gamma, requires_grad=requires_grad)
+        _check_arguments(num_features, eps, momentum, flags)
         super().__init__(
             num_features,
             eps=eps,
@@ -126,30 +171,60 @@ class _SwitchableNorm(_BatchNorm):
         """
         return batch_stats_from_instance(mean_in, var_in)
 
-    def _batch_stats(self):
+    def _batch_stats(self, x: Optional[Tensor] = None):
         """What the functional core mixes in as BN statistics: this batch's
         (a function of the IN ones) in training, the running ones in eval.
+        ``x``, the input, only serves to explain non-finite statistics.
         """
         if not self.using_bn:
             return None
         if not self.training:
             return self.running_mean, self.running_var
-        return self._train_batch_stats
+        if x is None:
+            return self._train_batch_stats
+        return functools.partial(self._train_batch_stats, source=x)
 
-    def _train_batch_stats(self, mean_in: Tensor, var_in: Tensor):
+    def _train_batch_stats(self, mean_in: Tensor, var_in: Tensor,
+                           source: Optional[Tensor] = None):
         mean_bn, var_bn = self._reduce_batch_stats(mean_in, var_in)
-        self._update_running_stats(mean_bn.detach(), var_bn.detach())
+        if not _recomputing_in_backward():
+            self._update_running_stats(mean_bn.detach(), var_bn.detach(),
+                                       source)
         return mean_bn, var_bn
 
+    def _non_finite_reason(self, source: Optional[Tensor],
+                           stats_dtype: torch.dtype
+                           ) -> Optional[Tuple[str, str]]:
+        """Why the batch statistics are not finite, and what to do (None:
+        say nothing). Runs only once they are found non-finite, so it may
+        be slow."""
+        dtype = str(stats_dtype).replace('torch.', '')
+        if source is None:
+            return (f'non-finite batch statistics (NaN or Inf in the input, '
+                    f'or statistics beyond {dtype})', '')
+        if not torch.isfinite(source).all():
+            return 'non-finite batch statistics (NaN or Inf in the input)', ''
+        largest = float(source.detach().abs().max())
+        limit = math.sqrt(torch.finfo(stats_dtype).max)
+        return (f'the batch statistics overflowed {dtype} although the '
+                f'input is finite (largest |x| = {largest:.3g}; squared '
+                f'deviations do not fit {dtype} beyond |x| ~ {limit:.2g}), '
+                f'so the output does not normalize the input',
+                ' Scale the input down or run this layer in float64.')
+
     @torch.no_grad()
-    def _update_running_stats(self, mean_bn: Tensor, var_bn: Tensor) -> None:
+    def _update_running_stats(self, mean_bn: Tensor, var_bn: Tensor,
+                              source: Optional[Tensor] = None) -> None:
         # one host sync per layer: the check needs a Python bool to warn
         finite = torch.isfinite(mean_bn).all() & torch.isfinite(var_bn).all()
         if not finite:
-            warnings.warn(
-                f'{type(self).__name__}: non-finite batch statistics (NaN or '
-                f'Inf in the input); running statistics keep their last '
-                f'value.', RuntimeWarning, stacklevel=4)
+            reason = self._non_finite_reason(source, var_bn.dtype)
+            if reason is not None:
+                what, advice = reason
+                warnings.warn(
+                    f'{type(self).__name__}: {what}; running statistics '
+                    f'keep their last value.{advice}', RuntimeWarning,
+                    stacklevel=4)
             return
         self.num_batches_tracked.add_(1)
         mean_bn = mean_bn.to(self.running_mean.dtype)
@@ -175,12 +250,18 @@ class _SwitchableNorm(_BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         if x.shape[0] == 0 or x[0, 0].numel() == 0:
-            # Nothing to normalize; keep the output attached to the graph.
-            return x * 0 if not self.affine else \
-                x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
+            return self._empty_output(x)
         return switchable_norm(x, self.weight, self.bias, self.mean_weight,
-                               self.var_weight, self._batch_stats(), self.eps,
-                               self.unbiased)
+                               self.var_weight, self._batch_stats(x),
+                               self.eps, self.unbiased)
+
+    def _empty_output(self, x: Tensor, *tied: Tensor) -> Tensor:
+        """The output for an input without elements: as empty, but in the
+        graph of x, of every parameter (with zero gradients, so that DDP
+        finds each parameter used, as on a process with data) and of
+        ``tied``."""
+        zero = sum(t.sum() for t in (*self.parameters(), *tied)) * 0
+        return x * 0 + zero.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, eps={self.eps}, '
@@ -229,75 +310,7 @@ class SwitchableNorm3d(_SwitchableNorm):
         return (5, )
 
 
-class SyncSwitchableNorm(SwitchableNorm2d):
-    """Switchable Normalization with BN statistics pooled across processes.
-
-    Works on any ``torch.distributed`` backend (gloo on CPU, NCCL on GPU);
-    without an initialized process group it behaves like
-    :class:`SwitchableNorm2d`. Accepts 2D to 5D input.
-
-    Args:
-        process_group (ProcessGroup, optional): Group to pool over.
-            Defaults to the whole world.
-        **kwargs: See :class:`_SwitchableNorm`.
-    """
-
-    def __init__(self, num_features: int, *args, process_group=None,
-                 **kwargs) -> None:
-        super().__init__(num_features, *args, **kwargs)
-        self.process_group = process_group
-
-    def _expected_dims(self):
-        return (2, 3, 4, 5)
-
-    def _reduce_batch_stats(self, mean_in, var_in):
-        if not (dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group) > 1):
-            return batch_stats_from_instance(mean_in, var_in)
-        from torch.distributed.nn.functional import all_reduce
-        c = mean_in.shape[1]
-        count = mean_in.new_full((1, ), mean_in.shape[0])
-        packed = torch.cat(
-            [mean_in.sum(0), (var_in + mean_in.square()).sum(0), count])
-        packed = all_reduce(packed, group=self.process_group or
-                            dist.group.WORLD)
-        total = packed[-1]
-        mean_bn = packed[:c] / total
-        var_bn = packed[c:2 * c] / total - mean_bn.square()
-        return mean_bn, var_bn.clamp_min(0)
-
-    @classmethod
-    def convert_sync_switchable_norm(cls, module: nn.Module,
-                                     process_group=None) -> nn.Module:
-        """Replace every SN layer in ``module`` by a SyncSN with its state.
-        """
-        output = module
-        if isinstance(module, _SwitchableNorm) and not isinstance(
-                module, SyncSwitchableNorm):
-            output = cls(
-                module.num_features,
-                eps=module.eps,
-                momentum=module.momentum,
-                affine=module.affine,
-                using_bn=module.using_bn,
-                moving_average=module.moving_average,
-                unbiased=module.unbiased,
-                last_gamma=module.last_gamma,
-                process_group=process_group)
-            output.load_state_dict(module.state_dict())
-            output.to(next(module.parameters()).device)
-            output.train(module.training)
-            for name, param in module.named_parameters():
-                getattr(output, name).requires_grad_(param.requires_grad)
-            return output
-        for name, child in module.named_children():
-            output.add_module(
-                name, cls.convert_sync_switchable_norm(child, process_group))
-        return output
-
-
 MODELS.register_module('SN', module=SwitchableNorm2d)
 MODELS.register_module('SN1d', module=SwitchableNorm1d)
 MODELS.register_module('SN2d', module=SwitchableNorm2d)
 MODELS.register_module('SN3d', module=SwitchableNorm3d)
-MODELS.register_module('SyncSN', module=SyncSwitchableNorm)

@@ -1,0 +1,263 @@
+"""Random number generators in checkpoints, so that resuming is exact.
+
+mmengine's checkpoints hold the model, optimizer, schedulers and the seed,
+but not the generators' states, so a resumed run draws other augmentations
+(and dropout masks) than an uninterrupted one and ends with other weights.
+"""
+import functools
+import logging
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from mmengine.dist import all_gather_object, get_dist_info
+from mmengine.hooks import CheckpointHook, Hook
+from mmengine.logging import print_log
+from mmengine.registry import HOOKS
+from mmengine.runner import BaseLoop, IterBasedTrainLoop
+from mmengine.runner.loops import _InfiniteDataloaderIterator
+
+CHECKPOINT_KEY = 'rng_states'
+
+
+def capture_rng_states() -> dict:
+    """This process's generators: Python's ``random``, numpy's global one,
+    torch's CPU one and every CUDA device's (once CUDA is initialized), as
+    tensors and plain numbers, which ``torch.load(weights_only=True)``
+    reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = dict(
+        python=dict(version=version,
+                    internal=torch.tensor(internal, dtype=torch.int64),
+                    gauss_next=gauss_next),
+        numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)),
+                   pos=int(pos), has_gauss=int(has_gauss),
+                   gauss=float(gauss)),
+        torch=torch.get_rng_state())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_states(state: dict) -> None:
+    """Set the generators to what :func:`capture_rng_states` returned."""
+    python = state['python']
+    random.setstate((python['version'],
+                     tuple(python['internal'].tolist()),
+                     python['gauss_next']))
+    numpy = state['numpy']
+    np.random.set_state(
+        (numpy['kind'], numpy['keys'].numpy().astype(np.uint32),
+         numpy['pos'], numpy['has_gauss'], numpy['gauss']))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _sampler(loader):
+    """The loader's sampler if it has a seed (mmengine's DefaultSampler,
+    InfiniteSampler), also behind a batch sampler."""
+    for sampler in (getattr(loader, 'sampler', None),
+                    getattr(getattr(loader, 'batch_sampler', None),
+                            'sampler', None)):
+        if hasattr(sampler, 'seed'):
+            return sampler
+    return None
+
+
+def _worker_seed(loader) -> Optional[int]:
+    init_fn = getattr(loader, 'worker_init_fn', None)
+    if isinstance(init_fn, functools.partial):
+        return init_fn.keywords.get('seed')
+    return None
+
+
+class _RestoreAfter:
+    """An iterator that sets the generators before its ``count``-th item:
+    an iteration-based loop re-reads the batches it has trained on before
+    going on, and that must not move the restored generators."""
+
+    def __init__(self, iterator, count: int, state: dict):
+        self._iterator = iterator
+        self._remaining = count
+        self._state = state
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._remaining == 0 and self._state is not None:
+            restore_rng_states(self._state)
+            self._state = None
+        self._remaining -= 1
+        return next(self._iterator)
+
+
+@HOOKS.register_module()
+class RNGStateHook(Hook):
+    """Save the random number generators in checkpoints and restore them on
+    resume, so that an interrupted and resumed training ends with the same
+    weights as an uninterrupted one (given the same machine and software).
+
+    One line in a config: ``custom_hooks = [dict(type='RNGStateHook')]``.
+
+    * Saved (``checkpoint['rng_states']``): every process's Python, numpy,
+      torch CPU and CUDA generators as they are when the checkpoint is
+      written, and the train loader's sampler and worker seeds.
+    * Restored on resume, after the Runner's own seeding, the model's
+      initialization and the checkpoint's loading: at the start of training
+      (epoch-based loops; the sampler's order follows from its seed and the
+      restored epoch) or once an iteration-based loop has skipped the
+      batches it trained on. Loading weights with ``load_from`` restores
+      nothing.
+    * Validation runs between the training's draws and gives them back, so
+      that a run that validates after a checkpoint and one that resumes from
+      it draw the same.
+    * Dataloader workers: mmengine seeds each worker from (seed, rank,
+      worker id) when it starts, which non-persistent workers do every
+      epoch; the seed is kept in the checkpoint. Persistent workers keep
+      their generators in their own processes, which a checkpoint cannot
+      hold: the hook warns that such a run does not resume exactly.
+    """
+    # after the hooks that may draw when an epoch ends (e.g. filling
+    # batch-average statistics), before CheckpointHook (VERY_LOW)
+    priority = 'LOW'
+
+    def __init__(self) -> None:
+        self._gathered = None  # (position, every process's states)
+        self._outside_val = None  # the training's states while validating
+        self._loaded = None  # (position, states) of a loaded checkpoint
+
+    # -- saving --------------------------------------------------------------
+    def _own_states(self) -> dict:
+        return self._outside_val or capture_rng_states()
+
+    def _gather_if_saving(self, runner, by_epoch: bool,
+                          position: tuple) -> None:
+        """With several processes, collect everyone's states where a
+        checkpoint is about to be written (only the main process writes)."""
+        if get_dist_info()[1] == 1:
+            return
+        for hook in runner.hooks:
+            if isinstance(hook, CheckpointHook) and hook.by_epoch == by_epoch:
+                due = hook.every_n_epochs(
+                    runner, hook.interval, hook.save_begin) if by_epoch \
+                    else hook.every_n_train_iters(runner, hook.interval,
+                                                  hook.save_begin)
+                last = hook.is_last_train_epoch(runner) if by_epoch \
+                    else hook.is_last_train_iter(runner)
+                if due or (hook.save_last and last):
+                    self._gathered = (position,
+                                      all_gather_object(self._own_states()))
+                    return
+
+    def after_train_epoch(self, runner) -> None:
+        self._gather_if_saving(runner, True, (runner.epoch + 1, runner.iter))
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None,
+                         outputs=None) -> None:
+        self._gather_if_saving(runner, False, (runner.epoch, runner.iter + 1))
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        meta = checkpoint.get('meta', {})
+        position = (meta.get('epoch'), meta.get('iter'))
+        world_size = get_dist_info()[1]
+        if world_size == 1:
+            ranks = [self._own_states()]
+        elif self._gathered is not None and self._gathered[0] == position:
+            ranks = self._gathered[1]
+        else:
+            ranks = None  # written outside the hook's view: cannot restore
+        # the loop, not runner.train_loop: that would build one when a
+        # checkpoint is saved outside training
+        loop = getattr(runner, '_train_loop', None)
+        loader = loop.dataloader if isinstance(loop, BaseLoop) else None
+        sampler = _sampler(loader)
+        checkpoint[CHECKPOINT_KEY] = dict(
+            world_size=world_size,
+            ranks=ranks,
+            sampler_seed=None if sampler is None else sampler.seed,
+            worker_seed=_worker_seed(loader))
+
+    # -- validation draws nothing from the training's streams ---------------
+    def before_val(self, runner) -> None:
+        self._outside_val = capture_rng_states()
+
+    def after_val(self, runner) -> None:
+        if self._outside_val is not None:
+            restore_rng_states(self._outside_val)
+            self._outside_val = None
+
+    # -- resuming ------------------------------------------------------------
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        meta = checkpoint.get('meta', {})
+        self._loaded = ((meta.get('epoch'), meta.get('iter')),
+                        checkpoint.get(CHECKPOINT_KEY))
+
+    def before_train(self, runner) -> None:
+        loop = runner.train_loop
+        loader = loop.dataloader
+        if getattr(loader, 'num_workers', 0) > 0 and getattr(
+                loader, 'persistent_workers', False):
+            print_log(
+                'RNGStateHook: the train loader has persistent workers, '
+                'whose random generators live in the worker processes and '
+                'are not saved; a resumed run will not repeat the '
+                'uninterrupted one exactly (persistent_workers=False '
+                'would).', logger='current', level=logging.WARNING)
+        loaded, self._loaded = self._loaded, None
+        resumed = (loop.epoch, loop.iter) != (0, 0)
+        if not resumed:
+            return
+        if loaded is None or loaded[0] != (loop.epoch, loop.iter) or \
+                loaded[1] is None:
+            print_log(
+                'RNGStateHook: the checkpoint resumed from holds no random '
+                'generator states (it was saved without this hook); the '
+                'resumed run will not repeat an uninterrupted one exactly.',
+                logger='current', level=logging.WARNING)
+            return
+        saved = loaded[1]
+        rank, world_size = get_dist_info()
+        if saved['ranks'] is None or saved['world_size'] != world_size:
+            print_log(
+                f'RNGStateHook: the checkpoint holds the generators of '
+                f'{saved["world_size"]} processes'
+                + ('' if saved['ranks'] else ' (not gathered)') +
+                f', this run has {world_size}; they are not restored.',
+                logger='current', level=logging.WARNING)
+            return
+        reseeded = self._restore_loader_seeds(loader, saved)
+        state = saved['ranks'][rank]
+        if isinstance(loop, IterBasedTrainLoop):
+            iterator = loop.dataloader_iterator
+            if reseeded:  # its sampler and workers started with old seeds
+                iterator = _InfiniteDataloaderIterator(loader)
+            loop.dataloader_iterator = _RestoreAfter(iterator, loop.iter,
+                                                     state)
+        else:
+            restore_rng_states(state)
+        print_log(
+            f'RNGStateHook: random generators restored as saved at epoch '
+            f'{loop.epoch}, iteration {loop.iter}', logger='current')
+
+    @staticmethod
+    def _restore_loader_seeds(loader, saved: dict) -> bool:
+        """The seeds the loader was built with (a run without a fixed seed
+        draws new ones); returns whether any changed."""
+        changed = False
+        sampler = _sampler(loader)
+        if sampler is not None and saved['sampler_seed'] is not None \
+                and sampler.seed != saved['sampler_seed']:
+            sampler.seed = saved['sampler_seed']
+            changed = True
+        init_fn = getattr(loader, 'worker_init_fn', None)
+        if saved['worker_seed'] is not None and \
+                _worker_seed(loader) not in (None, saved['worker_seed']):
+            loader.worker_init_fn = functools.partial(
+                init_fn.func, *init_fn.args,
+                **dict(init_fn.keywords, seed=saved['worker_seed']))
+            changed = True
+        return changed
