@@ -17,7 +17,7 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmsn.ops.switchable_norm import batch_stats_from_instance, switchable_norm
+from mmsn.ops.switchable_norm import batch_stats_from_instance, mixed_norm
 
 
 # The default momentum depends on the arity (as in the authors' layers), and
@@ -167,10 +167,25 @@ class _SwitchableNorm(_BatchNorm):
             self.running_var.copy_(
                 (second_moment - self.running_mean.square()).clamp_min_(0))
 
+    # -- importance shares -------------------------------------------------
+    def shares(self,
+               dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+        """Mixing shares of the means and of the variances on the simplex,
+        [IN, LN(, BN)]: the softmax of the importance logits (SSN maps them
+        by SparsestMax instead). Differentiable, computed in ``dtype``."""
+        return (torch.softmax(self.mean_weight.to(dtype), 0),
+                torch.softmax(self.var_weight.to(dtype), 0))
+
+    def _forward_shares(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """The shares a forward mixes with; SSN also freezes one-hot ones
+        there in training."""
+        return self.shares(dtype)
+
     def importance(self) -> Tuple[Tensor, Tensor]:
-        """Softmax shares of the means and the variances, [IN, LN(, BN)]."""
-        return (torch.softmax(self.mean_weight.detach().float(), 0),
-                torch.softmax(self.var_weight.detach().float(), 0))
+        """The shares of the means and the variances, [IN, LN(, BN)], as
+        float32 tensors without gradient."""
+        with torch.no_grad():
+            return tuple(s.float() for s in self.shares())
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
@@ -178,9 +193,16 @@ class _SwitchableNorm(_BatchNorm):
             # Nothing to normalize; keep the output attached to the graph.
             return x * 0 if not self.affine else \
                 x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
-        return switchable_norm(x, self.weight, self.bias, self.mean_weight,
-                               self.var_weight, self._batch_stats(), self.eps,
-                               self.unbiased)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(x.device.type, enabled=False):
+            mean_share, var_share = self._forward_shares(dtype)
+        return mixed_norm(x, self.weight, self.bias, mean_share, var_share,
+                          self._batch_stats(), self.eps, self.unbiased)
+
+    @classmethod
+    def _sync_variant(cls) -> type:
+        """The class that sync conversion turns this layer into."""
+        return SyncSwitchableNorm
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, eps={self.eps}, '
@@ -269,12 +291,13 @@ class SyncSwitchableNorm(SwitchableNorm2d):
     @classmethod
     def convert_sync_switchable_norm(cls, module: nn.Module,
                                      process_group=None) -> nn.Module:
-        """Replace every SN layer in ``module`` by a SyncSN with its state.
+        """Replace every SN layer in ``module`` by its synchronized variant
+        (SyncSN; SyncSSN for SSN) with its state.
         """
         output = module
         if isinstance(module, _SwitchableNorm) and not isinstance(
                 module, SyncSwitchableNorm):
-            output = cls(
+            output = module._sync_variant()(
                 module.num_features,
                 eps=module.eps,
                 momentum=module.momentum,
