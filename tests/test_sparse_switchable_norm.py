@@ -260,8 +260,7 @@ def test_norm_eval_freezes_running_stats_and_shares():
 
 def test_paramwise_recipe_and_norm_decay_mult():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), SparseSwitchableNorm2d(4))
-    importance = dict(lr_mult=0.1, decay_mult=0.0,
-                      clip_grad=dict(max_norm=1.0))
+    importance = dict(lr_mult=0.1, decay_mult=0.0, max_grad_norm=1.0)
     wrapper = build_optim_wrapper(
         model,
         dict(

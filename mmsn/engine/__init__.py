@@ -1,3 +1,7 @@
-from .hooks import SNBatchAverageHook, SNImportanceLoggerHook
+from .hooks import SNBatchAverageHook, SNImportanceLoggerHook, SSNRadiusHook
+from .optimizers import GroupClipOptimWrapperConstructor
 
-__all__ = ['SNBatchAverageHook', 'SNImportanceLoggerHook']
+__all__ = [
+    'SNBatchAverageHook', 'SNImportanceLoggerHook', 'SSNRadiusHook',
+    'GroupClipOptimWrapperConstructor'
+]

@@ -1,4 +1,5 @@
 from .batch_average_hook import SNBatchAverageHook
 from .importance_logger_hook import SNImportanceLoggerHook
+from .ssn_radius_hook import SSNRadiusHook
 
-__all__ = ['SNBatchAverageHook', 'SNImportanceLoggerHook']
+__all__ = ['SNBatchAverageHook', 'SNImportanceLoggerHook', 'SSNRadiusHook']
