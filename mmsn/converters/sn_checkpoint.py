@@ -17,6 +17,7 @@ builds before anything is written.
 """
 import os
 import os.path as osp
+import re
 import tempfile
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple
@@ -29,6 +30,9 @@ KNOWN_MODELS = {
     'resnetv1sn101': dict(version=1, depth=101),
     'resnetv2sn50': dict(version=2, depth=50),
     'resnetv2sn101': dict(version=2, depth=101),
+    # The SSN authors' zoo (Sparse_SwitchNorm): the v1 layout with SSN
+    # layers (plus radius, mean_fixed, var_fixed) and their stem pooling.
+    'resnetv1ssn50': dict(version=1, depth=50, norm='SSN'),
 }
 
 # The configs of ``configs/`` that load each converted checkpoint, keyed by
@@ -39,7 +43,12 @@ SUGGESTED_CONFIGS = {
     (2, 50, True): 'configs/resnet50v2_sn_8xb32.py',
     (2, 101, True): 'configs/resnet101v2_sn_8xb32.py',
     (1, 50, False): 'configs/resnet50_sn_8xb1.py',
+    (1, 50, True, 'SSN'): 'configs/resnet50_ssn_8xb32.py',
 }
+# Backbone arguments that an SSN model adds to the SN one.
+_SSN_BACKBONE = dict(
+    type='ResNetStemPool',
+    stem_pool=dict(kernel_size=3, stride=2, padding=0, ceil_mode=True))
 
 _SN_TENSORS = ('weight', 'bias', 'mean_weight', 'var_weight', 'running_mean',
                'running_var')
@@ -91,28 +100,43 @@ def detect_using_bn(state_dict: Dict[str, torch.Tensor]) -> bool:
 
 
 def expected_model_cfg(version: int, depth: int, using_bn: bool,
-                       num_classes: int = 1000) -> dict:
-    """mmpretrain model config of the authors' ``resnetv{version}sn{depth}``.
+                       num_classes: int = 1000, norm: str = 'SN') -> dict:
+    """mmpretrain model config of the authors' ``resnetv{version}sn{depth}``
+    (``norm='SSN'``: ``resnetv{version}ssn{depth}``).
 
     It has the same state-dict keys as the zoo configs in ``configs/``, so
     the conversion can be checked without them.
     """
     backbone_type = 'ResNet' if version == 1 else 'PreActResNet'
+    backbone = dict(
+        type=backbone_type,
+        depth=depth,
+        norm_cfg=dict(type=norm, using_bn=using_bn))
+    if norm == 'SSN':
+        backbone.update(_SSN_BACKBONE)
     return dict(
         type='ImageClassifier',
-        backbone=dict(
-            type=backbone_type,
-            depth=depth,
-            norm_cfg=dict(type='SN', using_bn=using_bn)),
+        backbone=backbone,
         neck=dict(type='GlobalAveragePooling'),
         head=dict(
             type='LinearClsHead', num_classes=num_classes, in_channels=2048))
 
 
-def suggested_config(version: int, depth: int,
-                     using_bn: bool) -> Optional[str]:
+def suggested_config(version: int, depth: int, using_bn: bool,
+                     norm: str = 'SN') -> Optional[str]:
     """Path (relative to the repository root) of the matching config."""
-    return SUGGESTED_CONFIGS.get((version, depth, using_bn))
+    key = (version, depth, using_bn) + (() if norm == 'SN' else (norm, ))
+    return SUGGESTED_CONFIGS.get(key)
+
+
+def rename_norm_layers(state_dict: Dict[str, torch.Tensor],
+                       abbreviation: str) -> OrderedDict:
+    """Rename the authors' norm modules ``sn1``, ``sn2``, ... to the
+    abbreviation of the target norm layer (``ssn1`` for SSN, as
+    ``build_norm_layer`` names it); ``downsample.1`` keeps its name."""
+    pattern = re.compile(r'(^|\.)sn(\d+)\.')
+    return OrderedDict((pattern.sub(rf'\g<1>{abbreviation}\g<2>.', key), value)
+                       for key, value in state_dict.items())
 
 
 def _target_name(key: str) -> str:
@@ -247,15 +271,21 @@ def convert_checkpoint(src: str,
             f'{", ".join(sorted(KNOWN_MODELS))} (pass --model to name the '
             f'architecture of a checkpoint without a "model" entry)')
     arch = KNOWN_MODELS[name]
+    norm = arch.get('norm', 'SN')
     using_bn = detect_using_bn(state_dict)
     if model_cfg is None:
         model_cfg = expected_model_cfg(arch['version'], arch['depth'],
-                                       using_bn)
+                                       using_bn, norm=norm)
     converted = convert_state_dict(state_dict)
     source_names = {
         _target_name(k[len(_PREFIX):] if k.startswith(_PREFIX) else k): k
         for k in state_dict
     }
+    if norm == 'SSN':
+        converted = rename_norm_layers(converted, 'ssn')
+        source_names = dict(
+            zip(rename_norm_layers(source_names, 'ssn'),
+                source_names.values()))
     check_against_model(converted, _build_expected(model_cfg), source_names)
 
     from mmpretrain.datasets.categories import IMAGENET_CATEGORIES
@@ -266,9 +296,10 @@ def convert_checkpoint(src: str,
             epoch=_plain(checkpoint.get('epoch')),
             best_prec1=_plain(checkpoint.get('best_prec1')),
             using_bn=using_bn,
+            norm=norm,
             converter='tools/model_converters/sn_to_mmpretrain.py'),
         config=config or suggested_config(arch['version'], arch['depth'],
-                                          using_bn))
+                                          using_bn, norm))
     head_classes = converted['head.fc.weight'].shape[0]
     if head_classes == len(IMAGENET_CATEGORIES):
         # The zoo is trained on ImageNet-1k (class order of its folders,
