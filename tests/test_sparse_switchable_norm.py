@@ -20,8 +20,10 @@ from mmsn import (SparseSwitchableNorm1d, SparseSwitchableNorm2d,
                   SyncSparseSwitchableNorm, SyncSwitchableNorm)
 from mmsn.ops.sparsestmax import sparsestmax
 from sn_reference import reference_sn
+from test_switchable_norm import make_input
+from test_switchable_norm import make_layer as make_sn_layer
 
-C = 5
+C = 6  # test_switchable_norm's layer and input factories
 ARITIES = [
     (SparseSwitchableNorm1d, (6, C, 7)),
     (SparseSwitchableNorm2d, (4, C, 5, 3)),
@@ -33,28 +35,11 @@ ARITY_IDS = ['1d', '2d', '3d', 'sync']
 
 def make_layer(cls=SparseSwitchableNorm2d, using_bn=True, radius=0.3,
                dtype=torch.float64, seed=0, **kwargs):
-    g = torch.Generator().manual_seed(seed)
-    layer = cls(C, using_bn=using_bn, **kwargs).to(dtype)
-    with torch.no_grad():
-        layer.weight.copy_(torch.rand(C, generator=g) + 0.5)
-        layer.bias.copy_(torch.randn(C, generator=g))
-        layer.mean_weight.copy_(
-            torch.randn(layer.mean_weight.shape, generator=g) * 0.3)
-        layer.var_weight.copy_(
-            torch.randn(layer.var_weight.shape, generator=g) * 0.3)
-        if using_bn:
-            layer.running_mean.copy_(torch.randn(C, generator=g))
-            layer.running_var.copy_(torch.rand(C, generator=g) + 0.5)
-        layer.radius.fill_(radius)
+    """SN's random layer (affine, logits, running statistics) at a radius.
+    """
+    layer = make_sn_layer(cls, using_bn, dtype, seed, **kwargs)
+    layer.radius.fill_(radius)
     return layer
-
-
-def make_input(shape, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.rand((1, shape[1]) + (1, ) * (len(shape) - 2),
-                       generator=g) * 3 + 0.2
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale +
-            2.0).to(dtype)
 
 
 def reference(layer, x, training):

@@ -1,9 +1,9 @@
 """The converter on the SSN authors' ``resnetv1ssn50`` checkpoints.
 
-A reference model is written here from the published layout (the SN v1
-ResNet with SSN layers: the SN tensors plus ``radius``, ``mean_fixed``,
-``var_fixed``; the stem max-pool with padding 0 and ceil_mode) and SSN's
-eval numerics: frozen layers mix with their stored one-hot vectors, others
+A reference model is written from the published layout (test_converter's
+reference v1 ResNet with SSN layers: the SN tensors plus ``radius``,
+``mean_fixed``, ``var_fixed``; the stem max-pool with padding 0 and
+ceil_mode) and SSN's eval numerics (tests/sn_reference.py): frozen layers mix with their stored one-hot vectors, others
 with SparsestMax at the stored radius (radius 0 here, i.e. sparsemax,
 computed by bisection). It does not use mmsn. Its random weights are saved
 in the authors' format, converted by the tool and loaded into
@@ -18,6 +18,8 @@ from torch import nn
 
 import mmsn  # noqa: F401
 from mmsn.converters import suggested_config
+from sn_reference import reference_sn
+from test_converter import RefResNet, RefSwitchNorm2d
 from test_sparsestmax import bisection_sparsemax
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -25,6 +27,8 @@ TOOL = osp.join(REPO, 'tools', 'model_converters', 'sn_to_mmpretrain.py')
 
 
 class RefSSN2d(nn.Module):
+    """SSN in eval mode: SN's equations (tests/sn_reference.py) with the
+    stored one-hot vectors of frozen layers, sparsemax at radius 0."""
 
     def __init__(self, channels, eps=1e-5):
         super().__init__()
@@ -46,73 +50,25 @@ class RefSSN2d(nn.Module):
         return bisection_sparsemax(logits.detach())
 
     def forward(self, x):
-        n, c, h, w = x.shape
-        x = x.view(n, c, -1)
-        mean_in = x.mean(-1, keepdim=True)
-        var_in = x.var(-1, keepdim=True)
-        second = var_in + mean_in**2
-        mean_ln = mean_in.mean(1, keepdim=True)
-        var_ln = second.mean(1, keepdim=True) - mean_ln**2
+        # log-shares as logits: the reference's softmax gives them back
         u = self._shares(self.mean_weight, self.mean_fixed)
         v = self._shares(self.var_weight, self.var_fixed)
-        mean = u[0] * mean_in + u[1] * mean_ln + u[2] * self.running_mean
-        var = v[0] * var_in + v[1] * var_ln + v[2] * self.running_var
-        x = (x - mean) / (var + self.eps).sqrt()
-        return x.view(n, c, h, w) * self.weight + self.bias
+        return reference_sn(
+            x, self.weight, self.bias, u.log(), v.log(),
+            (self.running_mean.flatten(), self.running_var.flatten()),
+            training=False, eps=self.eps)[0]
 
 
-def conv(cin, cout, k, stride=1):
-    return nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False)
-
-
-class RefBottleneck(nn.Module):
-
-    def __init__(self, inplanes, planes, stride, downsample):
-        super().__init__()
-        self.conv1 = conv(inplanes, planes, 1)
-        self.sn1 = RefSSN2d(planes)
-        self.conv2 = conv(planes, planes, 3, stride)
-        self.sn2 = RefSSN2d(planes)
-        self.conv3 = conv(planes, planes * 4, 1)
-        self.sn3 = RefSSN2d(planes * 4)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = F.relu(self.sn1(self.conv1(x)))
-        out = F.relu(self.sn2(self.conv2(out)))
-        out = self.sn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
-
-
-class RefResNetV1SSN50(nn.Module):
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.sn1 = RefSSN2d(64)
-        self.maxpool = nn.MaxPool2d(3, 2, padding=0, ceil_mode=True)
-        inplanes = 64
-        for i, (planes, num) in enumerate(zip((64, 128, 256, 512),
-                                              (3, 4, 6, 3))):
-            stride = 1 if i == 0 else 2
-            downsample = nn.Sequential(
-                conv(inplanes, planes * 4, 1, stride), RefSSN2d(planes * 4))
-            layers = [RefBottleneck(inplanes, planes, stride, downsample)]
-            inplanes = planes * 4
-            layers += [
-                RefBottleneck(inplanes, planes, 1, None)
-                for _ in range(num - 1)
-            ]
-            setattr(self, f'layer{i + 1}', nn.Sequential(*layers))
-        self.avgpool = nn.AvgPool2d(7, stride=1)
-        self.fc = nn.Linear(2048, 1000)
-
-    def forward(self, x):
-        x = self.maxpool(F.relu(self.sn1(self.conv1(x))))
-        for i in range(1, 5):
-            x = getattr(self, f'layer{i}')(x)
-        return self.fc(self.avgpool(x).flatten(1))
+def ref_resnetv1ssn50():
+    """The authors' v1 ResNet-50 layout (test_converter's reference) with
+    SSN layers and the SSN stem pooling."""
+    model = RefResNet(version=1, depth=50)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, RefSwitchNorm2d):
+                setattr(parent, name, RefSSN2d(child.weight.shape[1]))
+    model.maxpool = nn.MaxPool2d(3, 2, padding=0, ceil_mode=True)
+    return model
 
 
 def randomize(model, seed=0):
@@ -150,7 +106,7 @@ def randomize(model, seed=0):
 
 
 def test_resnetv1ssn50_converts_with_equal_logits(tmp_path, capsys):
-    ref = randomize(RefResNetV1SSN50())
+    ref = randomize(ref_resnetv1ssn50())
     src = str(tmp_path / 'resnetv1ssn50.pth.tar')
     dst = str(tmp_path / 'resnet50_ssn.pth')
     torch.save(
