@@ -109,19 +109,39 @@ class CollapsedNorm(nn.Module):
             out = F.group_norm(rows, c, weight * keep**0.5, bias,
                                self.eps * keep)
             return out.view(x.shape).to(x.dtype)
-        mean_in, var_in = self._instance_moments(rows, correction)
+        if var_src == _BN:  # the instance means suffice
+            mean_in, var_in = rows.mean(-1), None
+        else:
+            mean_in, var_in = self._instance_moments(rows, correction)
         if _LN in (mean_src, var_src):
             mean_ln = mean_in.mean(1, keepdim=True)
-            var_ln = (var_in + (mean_in - mean_ln).square()).mean(
-                1, keepdim=True)
+            var_ln = None if var_in is None else (
+                var_in + (mean_in - mean_ln).square()).mean(1, keepdim=True)
         else:
             mean_ln = var_ln = None
         mean = (mean_in, mean_ln, self.running_mean.to(rows.dtype))[mean_src]
         var = (var_in, var_ln, self.running_var.to(rows.dtype))[var_src]
-        scale = weight * torch.rsqrt(var + self.eps)
-        shift = bias - mean * scale
-        out = torch.addcmul(shift.unsqueeze(-1), rows, scale.unsqueeze(-1))
-        return out.view(x.shape).to(x.dtype)
+        mean, var = torch.broadcast_tensors(mean, var, rows[:, :, 0])[:2]
+        return self._normalize(rows, mean, var, weight, bias).view(
+            x.shape).to(x.dtype)
+
+    def _normalize(self, rows, mean, var, weight, bias):
+        """(rows - mean) / sqrt(var + eps) * weight + bias, with (N, C)
+        statistics."""
+        n, c, _ = rows.shape
+        if (torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or mean.requires_grad or var.requires_grad):
+            scale = weight * torch.rsqrt(var + self.eps)
+            shift = bias - mean * scale
+            return torch.addcmul(shift.unsqueeze(-1), rows,
+                                 scale.unsqueeze(-1))
+        # BatchNorm's eval kernel with a channel per (n, c): one pass, about
+        # twice as fast as a broadcasting addcmul on the CPU (its statistics
+        # take no gradient)
+        return F.batch_norm(
+            rows.reshape(1, n * c, -1), mean.reshape(-1), var.reshape(-1),
+            weight.repeat(n), bias.repeat(n), False, 0.0,
+            self.eps).view(rows.shape)
 
     @staticmethod
     def _instance_moments(rows: Tensor, correction: int):

@@ -120,6 +120,8 @@ def test_collapsed_norm_state_picks_precision_and_memory_format():
         norm(torch.randn(2, 4, 3, 3))
     x = torch.randn(2, C, 5, 5) + 1
     expected = norm(x)
+    # the differentiable formulation (input needing a gradient) agrees
+    torch.testing.assert_close(norm(x.clone().requires_grad_()), expected)
     cl = norm(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(cl, expected)
     half = norm(x.bfloat16())
