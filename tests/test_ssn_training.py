@@ -177,7 +177,7 @@ def test_clipping_sees_unscaled_gradients_under_a_grad_scaler():
 
 
 def test_constructor_needs_clip_settings():
-    with pytest.raises(ValueError, match='no parameter group has a max_grad_norm'):
+    with pytest.raises(ValueError, match='no parameter group has a max_grad'):
         build_optim_wrapper(
             _clip_model(),
             dict(constructor='GroupClipOptimWrapperConstructor',

@@ -11,8 +11,8 @@ parameter groups::
         constructor='GroupClipOptimWrapperConstructor',
         optimizer=dict(type='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4),
         paramwise_cfg=dict(custom_keys={
-            '.mean_weight': dict(lr_mult=0.1, decay_mult=0., max_grad_norm=1.),
-            '.var_weight': dict(lr_mult=0.1, decay_mult=0., max_grad_norm=1.)}))
+            '.mean_weight': dict(lr_mult=.1, decay_mult=0., max_grad_norm=1.),
+            '.var_weight': dict(lr_mult=.1, decay_mult=0., max_grad_norm=1.)}))
 
 Groups with the same ``max_grad_norm`` are clipped together: one L2 norm
 over all of them, as ``torch.nn.utils.clip_grad_norm_`` on their list. (A
