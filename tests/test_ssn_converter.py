@@ -5,9 +5,10 @@ reference v1 ResNet with SSN layers: the SN tensors plus ``radius``,
 ``mean_fixed``, ``var_fixed``; the stem max-pool with padding 0 and
 ceil_mode) and SSN's eval numerics (tests/sn_reference.py): frozen layers
 mix with their stored one-hot vectors, others with SparsestMax at the stored
-radius (radius 0 here, i.e. sparsemax, computed by bisection). It does not use mmsn. Its random weights are saved
-in the authors' format, converted by the tool and loaded into
-``configs/resnet50_ssn_8xb32.py``; both give the same logits.
+radius (radius 0 here, i.e. sparsemax, computed by bisection). It does not
+use mmsn. Its random weights are saved in the authors' format, converted by
+the tool and loaded into ``configs/resnet50_ssn_8xb32.py``; both give the
+same logits.
 """
 import importlib.util
 import os.path as osp
