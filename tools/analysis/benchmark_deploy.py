@@ -9,7 +9,8 @@ mmcv's ``fuse_conv_bn``; the collapsed model is timed as written and with
 its BN/BN layers folded the same way (``mmsn_runtime.expose_batch_norms``).
 The uncollapsed SSN model is timed for reference. All variants run
 interleaved in one process (each repetition runs every variant once, in
-rotating order) and the median is reported, with ratios to BN.
+rotating order) and the median is reported, with ratios to BN, next to
+the minimum (less disturbed by other load on a shared machine).
 
 Usage::
 
@@ -91,7 +92,8 @@ def interleaved_medians(fns, reps, sync):
             fns[name]()
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return ({name: statistics.median(ts) for name, ts in times.items()},
+            {name: min(ts) for name, ts in times.items()})
 
 
 def main():
@@ -129,8 +131,8 @@ def main():
                 model(x, mode='tensor')
         return fn
 
-    medians = interleaved_medians({k: run(m) for k, m in variants.items()},
-                                  args.reps, sync)
+    medians, minima = interleaved_medians(
+        {k: run(m) for k, m in variants.items()}, args.reps, sync)
     print(f'ResNet-50 eval forward, batch {args.batch}x3x{args.size}x'
           f'{args.size}, {args.device} ({platform.processor() or "?"}, '
           f'{torch.get_num_threads()} threads), torch {torch.__version__}, '
@@ -138,11 +140,13 @@ def main():
     print('(picks: IN=0, LN=1, BN=2)')
     for line in summary:
         print('  ' + line)
-    print('\n| model | ms | / BN | / BN fused |\n|---|---|---|---|')
+    print('\n| model | median ms | / BN | / BN fused | min ms | / BN (min) '
+          '|\n|---|---|---|---|---|---|')
     base, fused = medians['BN'], medians['BN, fused']
     for name, t in medians.items():
         print(f'| {name} | {t * 1e3:.1f} | {t / base:.3f} | '
-              f'{t / fused:.3f} |')
+              f'{t / fused:.3f} | {minima[name] * 1e3:.1f} | '
+              f'{minima[name] / minima["BN"]:.3f} |')
 
 
 if __name__ == '__main__':
