@@ -1,7 +1,7 @@
 """mmsn: Switchable Normalization for OpenMMLab.
 
 Importing the package (e.g. via ``custom_imports=dict(imports=['mmsn'])``)
-registers the SN layers in MMEngine's root ``MODELS`` registry and the hooks
+registers the SN and SSN layers in MMEngine's root ``MODELS`` registry and the hooks
 in ``HOOKS`` (see :mod:`mmsn.registry`), and applies the patches of
 :mod:`mmsn.utils.patches` that make mmengine/mmcv's BN-only helpers and
 checkpoint loading work with SN (``MMSN_NO_PATCHES=1`` leaves them out).
@@ -9,8 +9,10 @@ checkpoint loading work with SN (``MMSN_NO_PATCHES=1`` leaves them out).
 import importlib
 
 from .version import __version__
-from .models import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
-                     SyncSwitchableNorm)
+from .models import (SparseSwitchableNorm1d, SparseSwitchableNorm2d,
+                     SparseSwitchableNorm3d, SwitchableNorm1d,
+                     SwitchableNorm2d, SwitchableNorm3d,
+                     SyncSparseSwitchableNorm, SyncSwitchableNorm)
 from .ops import switchable_norm
 from . import engine, registry  # noqa: F401  (registers hooks, builders)
 from .utils import apply_patches
@@ -19,7 +21,8 @@ apply_patches()
 
 __all__ = [
     '__version__', 'SwitchableNorm1d', 'SwitchableNorm2d', 'SwitchableNorm3d',
-    'SyncSwitchableNorm', 'switchable_norm'
+    'SyncSwitchableNorm', 'SparseSwitchableNorm1d', 'SparseSwitchableNorm2d',
+    'SparseSwitchableNorm3d', 'SyncSparseSwitchableNorm', 'switchable_norm'
 ]
 
 # Imported on first use: they import mmpretrain (seconds).

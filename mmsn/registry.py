@@ -1,12 +1,14 @@
 """What ``import mmsn`` registers, and where.
 
-* SN layers (``SN``, ``SN1d``, ``SN2d``, ``SN3d``, ``SyncSN``): MMEngine's
-  root ``MODELS``, so every OpenMMLab package's ``norm_cfg`` finds them
+* SN and SSN layers (``SN``, ``SN1d``, ``SN2d``, ``SN3d``, ``SyncSN``,
+  ``SSN``, ``SSN1d``, ``SSN2d``, ``SSN3d``, ``SyncSSN``): MMEngine's root
+  ``MODELS``, so every OpenMMLab package's ``norm_cfg`` finds them
   (:mod:`mmsn.models.norms`).
-* Hooks (``SNBatchAverageHook``, ``SNImportanceLoggerHook``): the root
-  ``HOOKS`` (:mod:`mmsn.engine`).
-* ``PreActResNet``, ``DropoutLinearClsHead`` and the ``SklearnDigits``
-  dataset subclass mmpretrain's classes and live in mmpretrain's registries;
+* Hooks (``SNBatchAverageHook``, ``SNImportanceLoggerHook``,
+  ``RNGStateHook``, ``SSNRadiusHook``): the root ``HOOKS``, and the optimizer
+  wrapper constructor ``GroupClipOptimWrapperConstructor`` (:mod:`mmsn.engine`).
+* ``PreActResNet``, ``DropoutLinearClsHead``, ``ResNetStemPool`` and the
+  ``SklearnDigits`` dataset subclass mmpretrain's classes and live in mmpretrain's registries;
   importing mmpretrain takes seconds, so ``import mmsn`` does not. The root
   registries get, under each name, a builder that imports the real class on
   the first build (which registers it in mmpretrain's registry, where later
@@ -22,6 +24,7 @@ from mmengine.registry import DATASETS, MODELS
 LAZY = {
     'PreActResNet': (MODELS, 'mmsn.models.backbones.preact_resnet'),
     'DropoutLinearClsHead': (MODELS, 'mmsn.models.heads.dropout_linear_head'),
+    'ResNetStemPool': (MODELS, 'mmsn_runtime.resnet_stem_pool'),
     'SklearnDigits': (DATASETS, 'mmsn.datasets.digits'),
 }
 

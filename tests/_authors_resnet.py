@@ -67,14 +67,15 @@ def conv(cin, cout, k, stride=1):
 
 class RefBottleneckV1(nn.Module):
 
-    def __init__(self, inplanes, planes, stride, downsample, using_bn):
+    def __init__(self, inplanes, planes, stride, downsample, using_bn,
+                 norm_layer=RefSwitchNorm2d):
         super().__init__()
         self.conv1 = conv(inplanes, planes, 1)
-        self.sn1 = RefSwitchNorm2d(planes, using_bn)
+        self.sn1 = norm_layer(planes, using_bn)
         self.conv2 = conv(planes, planes, 3, stride)
-        self.sn2 = RefSwitchNorm2d(planes, using_bn)
+        self.sn2 = norm_layer(planes, using_bn)
         self.conv3 = conv(planes, planes * 4, 1)
-        self.sn3 = RefSwitchNorm2d(planes * 4, using_bn)
+        self.sn3 = norm_layer(planes * 4, using_bn)
         self.relu = nn.ReLU()
         self.downsample = downsample
 
@@ -90,13 +91,14 @@ class RefBottleneckV2(nn.Module):
     """Pre-activation: SN -> ReLU -> conv; the shortcut conv (no norm) takes
     the pre-activated input."""
 
-    def __init__(self, inplanes, planes, stride, downsample, using_bn):
+    def __init__(self, inplanes, planes, stride, downsample, using_bn,
+                 norm_layer=RefSwitchNorm2d):
         super().__init__()
-        self.sn1 = RefSwitchNorm2d(inplanes, using_bn)
+        self.sn1 = norm_layer(inplanes, using_bn)
         self.conv1 = conv(inplanes, planes, 1)
-        self.sn2 = RefSwitchNorm2d(planes, using_bn)
+        self.sn2 = norm_layer(planes, using_bn)
         self.conv2 = conv(planes, planes, 3, stride)
-        self.sn3 = RefSwitchNorm2d(planes, using_bn)
+        self.sn3 = norm_layer(planes, using_bn)
         self.conv3 = conv(planes, planes * 4, 1)
         self.relu = nn.ReLU()
         self.downsample = downsample
@@ -144,10 +146,13 @@ class RefResNet(nn.Module):
                     norm_layer(planes * 4, using_bn))
             else:
                 downsample = conv(inplanes, planes * 4, 1, stride)
-            layers = [block(inplanes, planes, stride, downsample, using_bn)]
+            layers = [
+                block(inplanes, planes, stride, downsample, using_bn,
+                      norm_layer)
+            ]
             inplanes = planes * 4
             layers += [
-                block(inplanes, planes, 1, None, using_bn)
+                block(inplanes, planes, 1, None, using_bn, norm_layer)
                 for _ in range(num - 1)
             ]
             setattr(self, f'layer{i + 1}', nn.Sequential(*layers))

@@ -201,7 +201,8 @@ def test_test_tool_runs_on_converted(converted, tmp_path):
 
 
 # -- bad input: one table, the exact message of each --------------------------
-KNOWN = 'resnetv1sn101, resnetv1sn50, resnetv2sn101, resnetv2sn50'
+KNOWN = ('resnetv1sn101, resnetv1sn50, resnetv1ssn50, resnetv2sn101, '
+         'resnetv2sn50')
 
 
 def _set(key, value):

@@ -315,7 +315,7 @@ print(json.dumps([type(model.backbone).__name__, type(model.head).__name__,
 
 
 # -- a typo in the norm type --------------------------------------------------
-SN_HINT = "did you mean 'SN', 'SN1d', 'SN2d', 'SN3d'?"
+SN_HINT = "did you mean 'SN', 'SSN', 'SN1d', 'SN2d', 'SN3d'?"
 NORM_TYPOS = [
     # (what is built, the exact error)
     (dict(type='PreActResNet', depth=18, norm_cfg=dict(type='SNN')),
@@ -326,7 +326,7 @@ NORM_TYPOS = [
      "did you mean 'SN'?"),
     (dict(type='PreActResNet', depth=18, norm_cfg=dict(type='SyncSNN')),
      "norm_cfg: norm type 'SyncSNN' is not registered (scope 'mmpretrain'); "
-     "did you mean 'SyncSN', 'SyncBN'?"),
+     "did you mean 'SyncSN', 'SyncSSN', 'SyncBN', 'SSN', 'SSN1d'?"),
 ]
 
 

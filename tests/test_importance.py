@@ -228,3 +228,26 @@ def test_hook_logs_shares_to_visualizer(tmp_path):
     log = next(tmp_path.glob('*/*.log')).read_text()
     assert 'SN importance, average over 1 layers' in log
     assert 'SN importance after training' in log
+
+
+def test_ssn_layers_report_their_picks(tmp_path, capsys):
+    from mmsn import SparseSwitchableNorm2d
+    from mmsn.analysis import format_picks
+    model = nn.Sequential(
+        SparseSwitchableNorm2d(4), SparseSwitchableNorm2d(4),
+        SwitchableNorm2d(4))
+    with torch.no_grad():
+        model[0].mean_weight.copy_(torch.tensor([0., 0., 3.]))  # BN
+        model[0].var_weight.copy_(torch.tensor([2., 0., 0.]))  # IN
+        model[1].radius.fill_(0.2)  # near the centre: not one-hot
+        model[2].mean_weight.copy_(torch.tensor([0., 0., 3.]))
+    records = collect_importance(model)
+    assert [r.sparse for r in records] == [True, True, False]
+    assert records[0].picks == ('BN', 'IN')
+    assert records[0].mean == (0.0, 0.0, 1.0)
+    assert records[1].picks == (None, None)
+    # the batch-average advice is SN's: SSN's recipe uses moving averages
+    assert [r.name for r in flagged_layers(records)] == ['2']
+    table = format_table(records).splitlines()
+    assert table[2].endswith('BN/IN') and table[3].endswith('-/-')
+    assert format_picks(records).splitlines()[2] == '| 0 | 0 | BN | IN |'

@@ -1,10 +1,11 @@
 """Inspection of trained SN models."""
 from .importance import (BN_SHARE_THRESHOLD, LayerImportance, average_shares,
-                         collect_importance, flagged_layers, format_table,
-                         importance_scalars, plot_importance, write_csv)
+                         collect_importance, flagged_layers, format_picks,
+                         format_table, importance_scalars, plot_importance,
+                         write_csv)
 
 __all__ = [
     'BN_SHARE_THRESHOLD', 'LayerImportance', 'collect_importance',
     'flagged_layers', 'average_shares', 'importance_scalars', 'format_table',
-    'write_csv', 'plot_importance'
+    'format_picks', 'write_csv', 'plot_importance'
 ]

@@ -2,7 +2,8 @@
 
 Shared by ``tools/analysis/plot_importance.py`` (table, CSV and a figure like
 the paper's) and :class:`mmsn.engine.SNImportanceLoggerHook` (scalars during
-training).
+training). SSN layers are included with their SparsestMax shares; once they
+are one-hot, :attr:`LayerImportance.picks` names the norm each one picked.
 """
 import csv
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from mmengine.model import is_model_wrapper
 from torch import nn
 
+from mmsn.models.norms.sparse_switchable_norm import _SparseSwitchableNorm
 from mmsn.models.norms.switchable_norm import _SwitchableNorm
 
 #: The authors' advice: above this BN share, use batch average.
@@ -28,11 +30,13 @@ class LayerImportance:
         var (tuple[float]): Shares of the variances, same order.
         moving_average (bool): Whether the running statistics are a moving
             average (as opposed to the authors' batch average).
+        sparse (bool): An SSN layer (SparsestMax shares).
     """
     name: str
     mean: Tuple[float, ...]
     var: Tuple[float, ...]
     moving_average: bool = True
+    sparse: bool = False
 
     @property
     def branches(self) -> Tuple[str, ...]:
@@ -48,11 +52,23 @@ class LayerImportance:
         """
         return max(self.mean[2], self.var[2]) if self.using_bn else None
 
+    @property
+    def picks(self) -> Tuple[Optional[str], Optional[str]]:
+        """The branch of the mean and of the variance where the shares are
+        one-hot (SSN after its schedule), else None."""
+        def pick(shares):
+            nonzero = [b for b, share in zip(self.branches, shares) if share]
+            return nonzero[0] if len(nonzero) == 1 else None
+
+        return pick(self.mean), pick(self.var)
+
     def should_use_batch_average(self,
                                  threshold: float = BN_SHARE_THRESHOLD
                                  ) -> bool:
-        """A moving-average layer that leans on BN (share > threshold)."""
-        return (self.moving_average and self.using_bn
+        """An SN layer with moving averages that leans on BN (share >
+        threshold). SSN layers are not flagged: SSN's recipe uses moving
+        averages."""
+        return (self.moving_average and self.using_bn and not self.sparse
                 and self.bn_share > threshold)
 
 
@@ -73,7 +89,8 @@ def collect_importance(model: nn.Module) -> List[LayerImportance]:
                     name=name,
                     mean=tuple(float(v) for v in mean),
                     var=tuple(float(v) for v in var),
-                    moving_average=bool(module.moving_average)))
+                    moving_average=bool(module.moving_average),
+                    sparse=isinstance(module, _SparseSwitchableNorm)))
     return records
 
 
@@ -125,9 +142,11 @@ def format_table(records: Sequence[LayerImportance],
     """A fixed-width table, one row per layer; flagged rows end in ``<-``.
     """
     width = max([len('layer')] + [len(r.name) for r in records])
+    sparse = any(r.sparse for r in records)
     header = (f'{"#":>3}  {"layer":<{width}}  ' +
               '  '.join(f'mean_{b:<2}' for b in BRANCHES) + '  ' +
-              '  '.join(f'var_{b:<2} ' for b in BRANCHES) + '  EMA')
+              '  '.join(f'var_{b:<2} ' for b in BRANCHES) + '  EMA' +
+              ('  picked' if sparse else ''))
     lines = [header, '-' * len(header)]
 
     def cells(shares):
@@ -139,12 +158,25 @@ def format_table(records: Sequence[LayerImportance],
         flag = '  <- BN share > {:.2f}: use batch average'.format(threshold) \
             if r.should_use_batch_average(threshold) else ''
         ema = 'yes' if r.moving_average else 'no'
+        picked = ''
+        if sparse:
+            picked = '  ' + '/'.join(p or '-' for p in r.picks)
         lines.append(f'{i:>3}  {r.name:<{width}}  {cells(r.mean)}  '
-                     f'{cells(r.var)}  {ema:>3}{flag}')
+                     f'{cells(r.var)}  {ema:>3}{picked}{flag}')
     avg = average_shares(records)
     lines.append('-' * len(header))
     lines.append(f'{"":>3}  {"average":<{width}}  {cells(avg["mean"])}  '
                  f'{cells(avg["var"])}')
+    return '\n'.join(lines)
+
+
+def format_picks(records: Sequence[LayerImportance]) -> str:
+    """A markdown table of the norm each layer picked for its mean and its
+    variance ('-' where the shares are not one-hot)."""
+    lines = ['| # | layer | mean | variance |', '|---|---|---|---|']
+    for i, r in enumerate(records):
+        mean, var = (p or '-' for p in r.picks)
+        lines.append(f'| {i} | {r.name} | {mean} | {var} |')
     return '\n'.join(lines)
 
 
@@ -227,5 +259,5 @@ def plot_importance(records: Sequence[LayerImportance],
 __all__ = [
     'BN_SHARE_THRESHOLD', 'LayerImportance', 'collect_importance',
     'flagged_layers', 'average_shares', 'importance_scalars', 'format_table',
-    'write_csv', 'plot_importance'
+    'format_picks', 'write_csv', 'plot_importance'
 ]

@@ -71,6 +71,18 @@ KNOWN_MODELS: Dict[str, ZooModel] = {
         dict(type='PreActResNet', depth=101),
         {True: 'configs/resnet101v2_sn_8xb32.py'},
         renames=_V2_SHORTCUT),
+    # The SSN authors' zoo (Sparse_SwitchNorm): the v1 layout with SSN layers
+    # (plus their radius, mean_fixed and var_fixed buffers) and their stem
+    # max-pool; their norms are sn1, sn2, ... where build_norm_layer names
+    # SSN layers ssn1, ssn2, ...
+    'resnetv1ssn50':
+    ZooModel(
+        dict(type='ResNetStemPool', depth=50,
+             stem_pool=dict(kernel_size=3, stride=2, padding=0,
+                            ceil_mode=True)),
+        {True: 'configs/resnet50_ssn_8xb32.py'},
+        renames=((r'(^|\.)ssn(\d+)\.', r'\1sn\2.'), ),
+        norm_type='SSN'),
 }
 
 _PREFIX = 'module.'
@@ -346,6 +358,7 @@ def convert_checkpoint(src: str,
             epoch=_plain(checkpoint.get('epoch')),
             best_prec1=_plain(checkpoint.get('best_prec1')),
             using_bn=using_bn,
+            norm=KNOWN_MODELS[name].norm_type,
             converter='tools/model_converters/sn_to_mmpretrain.py'),
         config=config or suggested_config(name, using_bn))
     if converted['head.fc.weight'].shape[0] == len(IMAGENET_CATEGORIES):

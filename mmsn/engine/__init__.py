@@ -1,3 +1,8 @@
-from .hooks import RNGStateHook, SNBatchAverageHook, SNImportanceLoggerHook
+from .hooks import (RNGStateHook, SNBatchAverageHook, SNImportanceLoggerHook,
+                    SSNRadiusHook)
+from .optimizers import GroupClipOptimWrapperConstructor
 
-__all__ = ['SNBatchAverageHook', 'SNImportanceLoggerHook', 'RNGStateHook']
+__all__ = [
+    'SNBatchAverageHook', 'SNImportanceLoggerHook', 'RNGStateHook',
+    'SSNRadiusHook', 'GroupClipOptimWrapperConstructor'
+]

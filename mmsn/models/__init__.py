@@ -1,11 +1,14 @@
 import importlib
 
-from .norms import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
-                    SyncSwitchableNorm)
+from .norms import (SparseSwitchableNorm1d, SparseSwitchableNorm2d,
+                    SparseSwitchableNorm3d, SwitchableNorm1d,
+                    SwitchableNorm2d, SwitchableNorm3d,
+                    SyncSparseSwitchableNorm, SyncSwitchableNorm)
 
 __all__ = [
     'SwitchableNorm1d', 'SwitchableNorm2d', 'SwitchableNorm3d',
-    'SyncSwitchableNorm'
+    'SyncSwitchableNorm', 'SparseSwitchableNorm1d', 'SparseSwitchableNorm2d',
+    'SparseSwitchableNorm3d', 'SyncSparseSwitchableNorm'
 ]
 
 # ``backbones`` and ``heads`` import mmpretrain (seconds): on first use only

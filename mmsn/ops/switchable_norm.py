@@ -44,8 +44,9 @@ def _needs_grad(tensors) -> bool:
         t is not None and t.requires_grad for t in tensors)
 
 
-def _autocast_off(device: torch.device):
-    """Disable autocast where it is on (the meta device has none)."""
+def autocast_off(device: torch.device):
+    """Disable autocast where it is on (the meta device has none): SN
+    computes its statistics and shares in float32 under AMP."""
     if torch.amp.is_autocast_available(device.type) \
             and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
@@ -130,7 +131,7 @@ def mixed_norm(x: Tensor,
     correction = in_var_correction(x3.shape[2], unbiased)
     args = (weight, bias, mean_share, var_share, batch_stats_fn, eps,
             correction)
-    with _autocast_off(x.device):
+    with autocast_off(x.device):
         if backend is None:
             y3 = composite_norm(
                 x3.float() if x.dtype in LOW_PRECISION else x3, *args)
@@ -163,7 +164,7 @@ def switchable_norm(x: Tensor,
         Others: see :func:`mixed_norm`.
     """
     dtype = stats_dtype(x.dtype)
-    with _autocast_off(x.device):
+    with autocast_off(x.device):
         mean_share = torch.softmax(mean_weight.to(dtype), 0)
         var_share = torch.softmax(var_weight.to(dtype), 0)
     return mixed_norm(x, weight, bias, mean_share, var_share, batch_stats_fn,

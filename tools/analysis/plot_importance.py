@@ -1,4 +1,5 @@
-"""Plot the IN/LN/BN importance shares that the SN layers of a model learned.
+"""Plot the IN/LN/BN importance shares that the SN (or SSN) layers of a model
+learned.
 
 Example::
 
@@ -10,6 +11,8 @@ Writes the figure (stacked bars of the shares of the means and of the
 variances for every SN layer, in order), a CSV next to it (or ``--csv``) and
 prints a table. Layers that use moving averages and give BN a share above
 ``--threshold`` (0.3) are flagged: there the SN authors advise batch average.
+For SSN layers the table says which norm each one picked for its mean and its
+variance (``--picks FILE`` also writes them as a markdown table).
 """
 import argparse
 import os
@@ -38,6 +41,9 @@ def parse_args(argv=None):
         default=0.3,
         help='BN share above which a moving-average layer is flagged')
     parser.add_argument('--title', help='figure title')
+    parser.add_argument(
+        '--picks',
+        help='write the norm each layer picked (SSN) as a markdown table')
     return parser.parse_args(argv)
 
 
@@ -50,7 +56,8 @@ def main(argv=None) -> int:
     from mmpretrain.registry import MODELS
 
     from mmsn.analysis import (collect_importance, flagged_layers,
-                               format_table, plot_importance, write_csv)
+                               format_picks, format_table, plot_importance,
+                               write_csv)
 
     cfg = Config.fromfile(args.config)
     with DefaultScope.overwrite_default_scope(
@@ -88,6 +95,10 @@ def main(argv=None) -> int:
         print(f'\nNo moving-average SN layer has a BN share above '
               f'{args.threshold:g}.')
     print(f'Figure: {args.out}\nTable: {csv_file}')
+    if args.picks:
+        with open(args.picks, 'w') as f:
+            f.write(format_picks(records) + '\n')
+        print(f'Picks: {args.picks}')
     return 0
 
 

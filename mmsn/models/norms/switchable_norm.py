@@ -19,7 +19,9 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmsn.ops import batch_stats_from_instance, switchable_norm
+from mmsn.ops.statistics import stats_dtype
+from mmsn.ops.switchable_norm import (autocast_off, batch_stats_from_instance,
+                                      mixed_norm)
 
 
 # The default momentum depends on the arity (as in the authors' layers), and
@@ -242,18 +244,34 @@ class _SwitchableNorm(_BatchNorm):
             self.running_var.copy_(
                 (second_moment - self.running_mean.square()).clamp_min_(0))
 
+    # -- importance shares -------------------------------------------------
+    def shares(self,
+               dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+        """Mixing shares of the means and of the variances on the simplex,
+        [IN, LN(, BN)]: the softmax of the importance logits (SSN maps them
+        by SparsestMax instead). Differentiable, computed in ``dtype``."""
+        return (torch.softmax(self.mean_weight.to(dtype), 0),
+                torch.softmax(self.var_weight.to(dtype), 0))
+
+    def _forward_shares(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """The shares a forward mixes with; SSN also freezes one-hot ones
+        there in training."""
+        return self.shares(dtype)
+
     def importance(self) -> Tuple[Tensor, Tensor]:
-        """Softmax shares of the means and the variances, [IN, LN(, BN)]."""
-        return (torch.softmax(self.mean_weight.detach().float(), 0),
-                torch.softmax(self.var_weight.detach().float(), 0))
+        """The shares of the means and the variances, [IN, LN(, BN)], as
+        float32 tensors without gradient."""
+        with torch.no_grad():
+            return tuple(s.float() for s in self.shares())
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         if x.shape[0] == 0 or x[0, 0].numel() == 0:
             return self._empty_output(x)
-        return switchable_norm(x, self.weight, self.bias, self.mean_weight,
-                               self.var_weight, self._batch_stats(x),
-                               self.eps, self.unbiased)
+        with autocast_off(x.device):
+            mean_share, var_share = self._forward_shares(stats_dtype(x.dtype))
+        return mixed_norm(x, self.weight, self.bias, mean_share, var_share,
+                          self._batch_stats(x), self.eps, self.unbiased)
 
     def _empty_output(self, x: Tensor, *tied: Tensor) -> Tensor:
         """The output for an input without elements: as empty, but in the
@@ -262,6 +280,12 @@ class _SwitchableNorm(_BatchNorm):
         ``tied``."""
         zero = sum(t.sum() for t in (*self.parameters(), *tied)) * 0
         return x * 0 + zero.to(x.dtype)
+
+    @classmethod
+    def _sync_variant(cls) -> type:
+        """The class that sync conversion turns this layer into."""
+        from .sync_switchable_norm import SyncSwitchableNorm
+        return SyncSwitchableNorm
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, eps={self.eps}, '

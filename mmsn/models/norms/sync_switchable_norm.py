@@ -157,13 +157,14 @@ class SyncSwitchableNorm(SwitchableNorm2d):
     @classmethod
     def convert_sync_switchable_norm(cls, module: nn.Module,
                                      process_group=None) -> nn.Module:
-        """Replace every SN layer in ``module`` by a SyncSN with its state.
+        """Replace every SN layer in ``module`` by its synchronized variant
+        (SyncSN; SyncSSN for SSN) with its state.
         """
         output = module
         if isinstance(module, _SwitchableNorm) and not isinstance(
                 module, SyncSwitchableNorm):
             like = next(module.parameters())
-            output = cls(
+            output = module._sync_variant()(
                 module.num_features,
                 eps=module.eps,
                 momentum=module.momentum,

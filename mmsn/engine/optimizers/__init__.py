@@ -1,0 +1,3 @@
+from .group_clip_constructor import GroupClipOptimWrapperConstructor
+
+__all__ = ['GroupClipOptimWrapperConstructor']

@@ -1,0 +1,157 @@
+"""Sparse Switchable Normalization layers (Shao et al., CVPR 2019).
+
+SSN is SN with another map from the importance parameters to the mixing
+shares: SparsestMax with a radius that grows from 0 to 1 over training
+(:class:`mmsn.engine.SSNRadiusHook`), so each layer ends with exactly one of
+IN, LN, BN for its mean and one for its variance. Statistics, running
+statistics and the OpenMMLab integration are SN's (:class:`_SwitchableNorm`).
+
+Freezing: in a training forward, a share vector that comes out one-hot is
+stored as that one-hot vector into its parameter and flagged in
+``mean_fixed`` / ``var_fixed``; from then on the layer mixes with the stored
+vector and the parameter's gradient is zero. The parameter stays in the
+graph (so DDP needs no ``find_unused_parameters``), and every training
+forward writes the one-hot vector back, so neither momentum nor weight decay
+can move it. All of it is tensor ops: no value is read back to the host.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from mmengine.registry import MODELS
+from torch import Tensor
+
+from mmsn.ops.sparsestmax import is_one_hot, sparsestmax
+from .switchable_norm import _SwitchableNorm
+from .sync_switchable_norm import SyncSwitchableNorm
+
+
+class _SparseSwitchableNorm(_SwitchableNorm):
+    """Base of the Sparse Switchable Normalization layers.
+
+    Takes the arguments of :class:`_SwitchableNorm`; the default momentum is
+    0.003 (the authors' SSN uses 0.997 in their convention, also in 2d).
+
+    Buffers besides SN's: ``radius`` (float, (1,)), the SparsestMax radius,
+    set by :class:`mmsn.engine.SSNRadiusHook`; ``mean_fixed`` and
+    ``var_fixed`` (int64, (1,)), 1 once the vector is frozen one-hot.
+    """
+    _abbr_ = 'ssn'
+    _default_momentum = 0.003
+
+    def __init__(self, num_features: int, *args, **kwargs) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        device = self.mean_weight.device
+        self.register_buffer('radius', torch.zeros(1, device=device))
+        self.register_buffer('mean_fixed',
+                             torch.zeros(1, dtype=torch.long, device=device))
+        self.register_buffer('var_fixed',
+                             torch.zeros(1, dtype=torch.long, device=device))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, 'radius'):
+            self.radius.zero_()
+            self.mean_fixed.zero_()
+            self.var_fixed.zero_()
+
+    def _logits_and_fixed(self, dtype) -> Tuple[Tensor, Tensor]:
+        logits = torch.stack([self.mean_weight, self.var_weight]).to(dtype)
+        fixed = torch.stack([self.mean_fixed, self.var_fixed]).bool()
+        return logits, fixed
+
+    def shares(self,
+               dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+        """SparsestMax shares of the means and of the variances at the
+        current radius; a frozen vector gives its stored one-hot vector
+        (without gradient)."""
+        logits, fixed = self._logits_and_fixed(dtype)
+        stored = F.one_hot(logits.detach().argmax(-1),
+                           logits.shape[-1]).to(dtype)
+        shares = torch.where(fixed, stored,
+                             sparsestmax(logits, self.radius.to(dtype)))
+        return shares[0], shares[1]
+
+    def _forward_shares(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        mean_share, var_share = self.shares(dtype)
+        if self.training:
+            self._freeze_one_hot(torch.stack([mean_share, var_share]))
+        return mean_share, var_share
+
+    @torch.no_grad()
+    def _freeze_one_hot(self, shares: Tensor) -> None:
+        """Flag the vectors whose shares are one-hot and (re)write the one-hot
+        vector into the parameters of every flagged vector."""
+        _, fixed = self._logits_and_fixed(shares.dtype)
+        fixed = fixed | is_one_hot(shares)
+        target = F.one_hot(shares.argmax(-1), shares.shape[-1])
+        for i, (param, flag) in enumerate(
+                ((self.mean_weight, self.mean_fixed),
+                 (self.var_weight, self.var_fixed))):
+            param.copy_(torch.where(fixed[i], target[i].to(param.dtype),
+                                    param))
+            flag.copy_(fixed[i])
+            if param.grad is not None:
+                # gradient accumulated before the freeze must not move it
+                param.grad.masked_fill_(fixed[i], 0)
+
+    @torch.no_grad()
+    def restore_frozen_(self) -> None:
+        """Write the stored one-hot vectors back into the parameters of frozen
+        vectors (undoes what an optimizer step did to them)."""
+        _, fixed = self._logits_and_fixed(self.mean_weight.dtype)
+        for i, param in enumerate((self.mean_weight, self.var_weight)):
+            stored = F.one_hot(param.argmax(), param.numel()).to(param.dtype)
+            param.copy_(torch.where(fixed[i], stored, param))
+
+    @classmethod
+    def _sync_variant(cls) -> type:
+        return SyncSparseSwitchableNorm
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ', sparsestmax'
+
+
+class SparseSwitchableNorm1d(_SparseSwitchableNorm):
+    """Sparse Switchable Normalization over a 2D (N, C) or 3D (N, C, L)
+    input (see :class:`mmsn.SwitchableNorm1d` for the statistics and
+    :class:`_SparseSwitchableNorm` for the arguments)."""
+
+    def _expected_dims(self):
+        return (2, 3)
+
+
+class SparseSwitchableNorm2d(_SparseSwitchableNorm):
+    """Sparse Switchable Normalization over a 4D (N, C, H, W) input.
+
+    Default momentum 0.003 (the authors' 0.997). See
+    :class:`_SparseSwitchableNorm` for the arguments.
+    """
+
+    def _expected_dims(self):
+        return (4, )
+
+
+class SparseSwitchableNorm3d(_SparseSwitchableNorm):
+    """Sparse Switchable Normalization over a 5D (N, C, D, H, W) input."""
+
+    def _expected_dims(self):
+        return (5, )
+
+
+class SyncSparseSwitchableNorm(_SparseSwitchableNorm, SyncSwitchableNorm):
+    """SSN with BN statistics pooled across processes (SyncSN's pooling).
+
+    Accepts 2D to 5D input.
+
+    Args:
+        process_group (ProcessGroup, optional): Group to pool over.
+            Defaults to the whole world.
+        **kwargs: See :class:`_SparseSwitchableNorm`.
+    """
+
+MODELS.register_module('SSN', module=SparseSwitchableNorm2d)
+MODELS.register_module('SSN1d', module=SparseSwitchableNorm1d)
+MODELS.register_module('SSN2d', module=SparseSwitchableNorm2d)
+MODELS.register_module('SSN3d', module=SparseSwitchableNorm3d)
+MODELS.register_module('SyncSSN', module=SyncSparseSwitchableNorm)
