@@ -1,13 +1,9 @@
 import copy
 import os
-import sys
 
 import pytest
 import torch
 from mmengine.registry import DefaultScope
-
-# tests/ holds shared helpers (sn_reference, _data) imported by name
-sys.path.insert(0, os.path.dirname(__file__))
 
 # The tests use small tensors: one intra-op thread avoids OpenMP spin-waits,
 # which slow small ops by 50x on a busy 2-core machine. Set

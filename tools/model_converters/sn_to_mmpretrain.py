@@ -12,14 +12,9 @@ missing or unexpected keys; unknown keys, shape mismatches or an unknown
 model stop the tool before anything is written.
 """
 import argparse
-import os.path as osp
 import sys
 
-# Run from a checkout without installing mmsn.
-sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..', '..'))
-
-from mmsn.converters import (KNOWN_MODELS, ConversionError,  # noqa: E402
-                             convert_checkpoint)
+from mmsn.converters import KNOWN_MODELS, ConversionError, convert_checkpoint
 
 
 def parse_args(argv=None):
