@@ -44,6 +44,8 @@ def _distribution(dists):
 def _mmsn_version() -> str:
     """The version, with the commit when mmsn runs from a git checkout."""
     root = osp.dirname(osp.dirname(osp.abspath(mmsn.__file__)))
+    if not osp.exists(osp.join(root, '.git')):   # an installed package
+        return mmsn.__version__
     try:
         sha = subprocess.run(['git', '-C', root, 'rev-parse', '--short',
                               'HEAD'], capture_output=True, text=True,
