@@ -92,7 +92,6 @@ def build_directory(info: Optional[Dict[str, str]] = None) -> str:
     return osp.join(cache_root(), 'ext', key)
 
 
-@functools.lru_cache(maxsize=None)
 def load_compiled_ops() -> Tuple[Optional[object], Optional[str]]:
     """``(torch.ops.mmsn, None)`` when the kernels load, else
     ``(None, reason)``, the reason being a full sentence for the user.
@@ -194,7 +193,7 @@ def _compile_once(info, out_dir, done, failed) -> Optional[str]:
                 f'kernels, so {_COST}; {_SILENCE}.')
     try:
         os.makedirs(out_dir, exist_ok=True)
-        from filelock import FileLock, Timeout    # a dependency of torch
+        from filelock import FileLock, Timeout  # a dependency of torch
         lock = FileLock(out_dir + '.lock')
         try:
             lock.acquire(timeout=0)
@@ -251,9 +250,9 @@ def _compile(info, out_dir, done, failed, ninja_dir) -> Optional[str]:
         log = osp.join(out_dir, 'build.log')
         with open(log, 'w') as f:
             f.write(str(err))
-        reason = (f'mmsn could not compile its CPU kernels ({_first_error(err)}'
-                  f'; full log: {log}), so {_COST}. Delete {out_dir} to try '
-                  f'again; {_SILENCE}.')
+        reason = (f'mmsn could not compile its CPU kernels '
+                  f'({_first_error(err)}; full log: {log}), so {_COST}. '
+                  f'Delete {out_dir} to try again; {_SILENCE}.')
         with open(failed, 'w') as f:
             f.write(reason)
         return reason
