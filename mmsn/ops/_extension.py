@@ -232,7 +232,8 @@ def _compile(info, out_dir, done, failed, ninja_dir) -> Optional[str]:
     if osp.exists(stale):
         os.remove(stale)
     _say(f'compiling the CPU kernels of Switchable Normalization for torch '
-         f"{info['torch']} (once per torch version, about 20 s) into "
+         f"{info['torch']} (once per torch version; about 20 s on 2 idle "
+         f'cores) into '
          f'{out_dir}; {_SILENCE}')
     start = time.monotonic()
     path = os.environ.get('PATH', '')
