@@ -83,7 +83,7 @@ build_log="$work/build.log"
         --no-build-isolation -w "$work/dist" . > "$build_log" 2>&1
 ) &
 builder=$!
-trap 'kill "$builder" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill "$builder" 2>/dev/null || true; rm -rf "$work"' EXIT
 while kill -0 "$builder" 2>/dev/null; do
     for _ in $(seq 30); do
         kill -0 "$builder" 2>/dev/null || break
