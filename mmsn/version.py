@@ -11,8 +11,8 @@ __version__ = '0.1.0'
 
 # package -> (lowest tested, first excluded or None): [low, high)
 TESTED_RANGES: Dict[str, Tuple[str, Optional[str]]] = {
-    'torch': ('2.13', None),
-    'torchvision': ('0.28', None),
+    'torch': ('2.7', None),
+    'torchvision': ('0.22', None),
     'mmengine': ('0.10.5', '1.0.0'),
     'mmpretrain': ('1.2.0', '2.0.0'),
 }
