@@ -8,14 +8,17 @@ checkpoint loading work with SN (``MMSN_NO_PATCHES=1`` leaves them out).
 """
 import importlib
 
-from .version import __version__
-from .models import (SparseSwitchableNorm1d, SparseSwitchableNorm2d,
-                     SparseSwitchableNorm3d, SwitchableNorm1d,
-                     SwitchableNorm2d, SwitchableNorm3d,
+from .version import __version__, check_dependencies
+
+check_dependencies()    # before anything imports an incompatible package
+
+from .models import (SparseSwitchableNorm1d,  # noqa: E402
+                     SparseSwitchableNorm2d, SparseSwitchableNorm3d,
+                     SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
                      SyncSparseSwitchableNorm, SyncSwitchableNorm)
-from .ops import switchable_norm
-from . import engine, registry  # noqa: F401  (registers hooks, builders)
-from .utils import apply_patches
+from .ops import switchable_norm  # noqa: E402
+from . import engine, registry  # noqa: F401,E402  (hooks, builders)
+from .utils import apply_patches  # noqa: E402
 
 apply_patches()
 

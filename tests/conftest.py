@@ -1,13 +1,9 @@
 import copy
 import os
-import sys
 
 import pytest
 import torch
 from mmengine.registry import DefaultScope
-
-# tests/ holds shared helpers (sn_reference, _data) imported by name
-sys.path.insert(0, os.path.dirname(__file__))
 
 # Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter
 # (tests/test_triton_backend.py). Triton reads TRITON_INTERPRET when it

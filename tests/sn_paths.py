@@ -27,8 +27,8 @@ def path_of(request):
 
     def force(path):
         if path == 'compiled' and not sn_ops.compiled_kernels_available():
-            pytest.fail('mmsn._C is not built: run tools/setup_env.sh (or '
-                        'pip install --no-build-isolation -e .)')
+            from mmsn.ops._extension import load_compiled_ops
+            pytest.fail(f'mmsn._C is not available: {load_compiled_ops()[1]}')
         ctx = backends.forced(path)
         ctx.__enter__()
         stack.append(ctx)

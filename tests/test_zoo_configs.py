@@ -55,7 +55,8 @@ STUDY_CELLS = [(8, 32), (8, 16), (8, 8), (8, 4), (8, 2), (1, 16), (1, 32),
                (8, 1), (1, 8)]
 for _norm in ('BN', 'GN', 'SN'):
     for _g, _b in STUDY_CELLS:
-        ZOO[f'batch_study/resnet50_{_norm.lower()}_{_g}xb{_b}'] = (
+        _name = f'resnet50_{_norm.lower()}_{_g}xb{_b}_batch-study'
+        ZOO[f'batch_study/{_name}'] = (
             'ResNet', 50, _norm, _b, _g, 0.1 * _g * _b / 256, 100, 'step',
             not (_norm == 'SN' and _b == 1), True)
 

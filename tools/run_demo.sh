@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The CPU demo: set up the environment, train a small ResNet with Switchable
-# Normalization on scikit-learn's bundled handwritten digits, evaluate it on
-# the held-out split and plot the learned IN/LN/BN importance shares.
-# Nothing is downloaded; a few minutes on 2 CPU cores.
+# The CPU demo: set up the classification stack (torch, mmengine,
+# mmpretrain, mmcv-lite; not mmdet/mmseg, which only the tests need), train a
+# small ResNet with Switchable Normalization on scikit-learn's bundled
+# handwritten digits, evaluate it on the held-out split and plot the learned
+# IN/LN/BN importance shares. No data is downloaded; a few minutes on 2 CPU
+# cores, set-up included.
 #   bash tools/run_demo.sh            # results under work_dirs/demo_digits
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,11 +1,11 @@
 # Copyright (c) OpenMMLab. All rights reserved.
 """Test (and evaluate) a model: mmpretrain's ``tools/test.py`` plus CPU-only
-distributed runs (gloo), as in ``tools/train.py``.
+distributed runs (gloo, :mod:`mmsn.utils.dist`). Also what ``mim test mmsn
+CONFIG --checkpoint CKPT`` runs.
 """
 import argparse
 import os
 import os.path as osp
-import sys
 from copy import deepcopy
 
 import mmengine
@@ -16,11 +16,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmsn  # noqa: F401  (SN, PreActResNet, safe loading of checkpoints)
-
-# The CPU-distributed set-up is shared with train.py, next to this file.
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from train import (destroy_cpu_distributed,  # noqa: E402
-                   init_cpu_distributed)
+from mmsn.utils.dist import cpu_distributed
 
 
 def parse_args():
@@ -182,29 +178,26 @@ def main():
     cfg = merge_args(cfg, args)
 
     # CPU-only machines: gloo instead of failing in torch.cuda.set_device
-    created_group = init_cpu_distributed(cfg)
+    with cpu_distributed(cfg):
+        # build the runner from config
+        if 'runner_type' not in cfg:
+            # build the default runner
+            runner = Runner.from_cfg(cfg)
+        else:
+            # build customized runner from the registry
+            # if 'runner_type' is set in the cfg
+            runner = RUNNERS.build(cfg)
 
-    # build the runner from config
-    if 'runner_type' not in cfg:
-        # build the default runner
-        runner = Runner.from_cfg(cfg)
-    else:
-        # build customized runner from the registry
-        # if 'runner_type' is set in the cfg
-        runner = RUNNERS.build(cfg)
+        if args.out and args.out_item in ['pred', None]:
+            runner.test_evaluator.metrics.append(
+                DumpResults(out_file_path=args.out))
 
-    if args.out and args.out_item in ['pred', None]:
-        runner.test_evaluator.metrics.append(
-            DumpResults(out_file_path=args.out))
+        # start testing
+        metrics = runner.test()
 
-    # start testing
-    metrics = runner.test()
-
-    if args.out and args.out_item == 'metrics' and get_rank() == 0:
-        # Every rank holds the same metrics; one writer avoids a race.
-        mmengine.dump(metrics, args.out)
-
-    destroy_cpu_distributed(created_group)
+        if args.out and args.out_item == 'metrics' and get_rank() == 0:
+            # Every rank holds the same metrics; one writer avoids a race.
+            mmengine.dump(metrics, args.out)
 
 
 if __name__ == '__main__':

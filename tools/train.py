@@ -2,19 +2,14 @@
 """Train a model: mmpretrain's ``tools/train.py`` plus CPU-only distributed.
 
 Same arguments as mmpretrain's. On a machine without CUDA, ``--launcher
-pytorch|slurm|mpi`` starts the process group with the gloo backend here, so
-that mmengine (whose ``init_dist`` calls ``torch.cuda.set_device``) finds it
-already initialised, and DDP wraps the model without ``device_ids``.
+pytorch|slurm|mpi`` runs the processes with gloo
+(:mod:`mmsn.utils.dist`). Also what ``mim train mmsn CONFIG`` runs.
 """
 import argparse
-import datetime
 import os
 import os.path as osp
-import subprocess
 from copy import deepcopy
 
-import torch
-import torch.distributed as torch_dist
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
@@ -22,6 +17,7 @@ from mmengine.utils import digit_version
 from mmengine.utils.dl_utils import TORCH_VERSION
 
 import mmsn  # noqa: F401  (SN, PreActResNet, safe loading of checkpoints)
+from mmsn.utils.dist import cpu_distributed
 
 
 def parse_args():
@@ -149,63 +145,6 @@ def merge_args(cfg, args):
     return cfg
 
 
-def _set_env_from_launcher(launcher):
-    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* as mmengine's init_dist."""
-    if launcher == 'slurm':
-        ntasks = int(os.environ['SLURM_NTASKS'])
-        os.environ['RANK'] = os.environ['SLURM_PROCID']
-        os.environ['WORLD_SIZE'] = str(ntasks)
-        os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
-        if 'MASTER_ADDR' not in os.environ:
-            node_list = os.environ['SLURM_NODELIST']
-            os.environ['MASTER_ADDR'] = subprocess.getoutput(
-                f'scontrol show hostname {node_list} | head -n1')
-        os.environ.setdefault('MASTER_PORT', '29500')
-    elif launcher == 'mpi':
-        os.environ['RANK'] = os.environ['OMPI_COMM_WORLD_RANK']
-        os.environ['WORLD_SIZE'] = os.environ['OMPI_COMM_WORLD_SIZE']
-        os.environ['LOCAL_RANK'] = os.environ['OMPI_COMM_WORLD_LOCAL_RANK']
-        os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
-        os.environ.setdefault('MASTER_PORT', '29500')
-
-
-def init_cpu_distributed(cfg):
-    """Start a gloo process group when distributed without CUDA.
-
-    mmengine's ``init_dist`` calls ``torch.cuda.set_device`` and fails on a
-    CPU-only machine; the Runner skips it when a group already exists.
-    """
-    if cfg.launcher == 'none' or torch.cuda.is_available() \
-            or torch_dist.is_initialized():
-        return False
-    _set_env_from_launcher(cfg.launcher)
-    dist_cfg = cfg.setdefault('env_cfg', ConfigDict()).setdefault(
-        'dist_cfg', ConfigDict())
-    dist_cfg.backend = 'gloo'
-    timeout = datetime.timedelta(seconds=dist_cfg.get('timeout', 1800))
-    torch_dist.init_process_group(backend='gloo', timeout=timeout)
-    # DDP of a CPU module takes no device_ids (mmengine passes LOCAL_RANK).
-    wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(
-        type='MMDistributedDataParallel',
-        broadcast_buffers=False,
-        find_unused_parameters=cfg.get('find_unused_parameters', False))
-    wrapper.setdefault('device_ids', None)
-    cfg.model_wrapper_cfg = wrapper
-    return True
-
-
-def destroy_cpu_distributed(created):
-    """Tear down the gloo group that ``init_cpu_distributed`` created.
-
-    Left to interpreter exit, gloo's threads can abort the process
-    ("terminate called without an active exception") after a successful
-    run, which torchrun reports as a failure.
-    """
-    if created and torch_dist.is_initialized():
-        torch_dist.barrier()
-        torch_dist.destroy_process_group()
-
-
 def main():
     args = parse_args()
 
@@ -216,21 +155,18 @@ def main():
     cfg = merge_args(cfg, args)
 
     # CPU-only machines: gloo instead of failing in torch.cuda.set_device
-    created_group = init_cpu_distributed(cfg)
+    with cpu_distributed(cfg):
+        # build the runner from config
+        if 'runner_type' not in cfg:
+            # build the default runner
+            runner = Runner.from_cfg(cfg)
+        else:
+            # build customized runner from the registry
+            # if 'runner_type' is set in the cfg
+            runner = RUNNERS.build(cfg)
 
-    # build the runner from config
-    if 'runner_type' not in cfg:
-        # build the default runner
-        runner = Runner.from_cfg(cfg)
-    else:
-        # build customized runner from the registry
-        # if 'runner_type' is set in the cfg
-        runner = RUNNERS.build(cfg)
-
-    # start training
-    runner.train()
-
-    destroy_cpu_distributed(created_group)
+        # start training
+        runner.train()
 
 
 if __name__ == '__main__':

@@ -19,9 +19,6 @@ import os
 import os.path as osp
 import sys
 
-# Run from a checkout without installing mmsn.
-sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..', '..'))
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(

@@ -108,12 +108,8 @@ def _warn_native_once() -> None:
     if _warned_native or os.environ.get('MMSN_WITH_OPS') == '0':
         return
     _warned_native = True
-    warnings.warn(
-        'mmsn._C could not be loaded; SN on the CPU falls back to slower '
-        'PyTorch kernels (same results). Rebuild it with `pip install '
-        '--no-build-isolation -e .` against the installed torch (or set '
-        f'MMSN_WITH_OPS=0 to silence this). ({_compiled["error"]})',
-        RuntimeWarning, stacklevel=4)
+    # the reason says what is missing, what it costs and how to silence it
+    warnings.warn(_compiled['error'], RuntimeWarning, stacklevel=4)
 
 
 def _native_warned() -> NativeBackend:
