@@ -106,8 +106,9 @@ class CollapsedNorm(nn.Module):
             # GroupNorm with a group per channel; the unbiased variance is
             # the biased one / keep, folded into eps and the weight
             keep = (positions - correction) / positions
-            out = F.group_norm(rows, c, weight * keep**0.5, bias,
-                               self.eps * keep)
+            # the group count as a constant: exporters need it static
+            out = F.group_norm(rows, self.num_features, weight * keep**0.5,
+                               bias, self.eps * keep)
             return out.view(x.shape).to(x.dtype)
         if var_src == _BN:  # the instance means suffice
             mean_in, var_in = rows.mean(-1), None
