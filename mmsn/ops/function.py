@@ -16,9 +16,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .backends import RowBackend
-from .statistics import (batch_stats_of, fixed_stats, is_default_pooling,
-                         layer_stats_from_instance, serial_small_ops,
-                         small_backward, small_forward, stats_dtype)
+from .statistics import (PooledBatchStats, batch_stats_of, fixed_stats,
+                         is_default_pooling, layer_stats_from_instance,
+                         serial_small_ops, small_backward, small_forward,
+                         stats_dtype)
 
 
 def _param(t, dtype):
@@ -31,6 +32,10 @@ def _batch_stats(state, batch_stats_fn, mean_in, var_in, need_x_grad):
     pooling (``pooled_bn``), through their own graph otherwise
     (``batch_graph``: SyncSN's all-reduce), none for fixed statistics."""
     with serial_small_ops(mean_in.numel(), mean_in.device):
+        if isinstance(batch_stats_fn, PooledBatchStats):
+            # the default: its gradient is written out, no graph needed
+            state.pooled_bn = need_x_grad
+            return batch_stats_fn.pooled(mean_in, var_in)
         leaves = None
         if need_x_grad and callable(batch_stats_fn):
             with torch.enable_grad():

@@ -148,6 +148,37 @@ def is_default_pooling(batch_graph) -> bool:
             and batch_graph[1].grad_fn is node)
 
 
+class PooledBatchStats:
+    """The default BN statistics as a ``batch_stats_fn``: this batch's,
+    pooled from its IN statistics over n (:func:`batch_stats_from_instance`),
+    handed (detached) to ``observer`` once computed (a layer updates its
+    running statistics there).
+
+    Calling it is the generic route; the fast path recognises it and pools
+    without building a graph, writing the gradient out in closed form.
+    """
+    __slots__ = ('observer', )
+
+    def __init__(self, observer: Optional[Callable[[Tensor, Tensor],
+                                                   None]] = None) -> None:
+        self.observer = observer
+
+    def pooled(self, mean_in: Tensor, var_in: Tensor) -> Tuple[Tensor, Tensor]:
+        """The statistics, detached, after notifying the observer."""
+        mean_bn, var_bn = _pooled_stats(mean_in.detach(), var_in.detach(), 0)
+        mean_bn, var_bn = mean_bn.squeeze(0), var_bn.squeeze(0)
+        if self.observer is not None:
+            self.observer(mean_bn, var_bn)
+        return mean_bn, var_bn
+
+    def __call__(self, mean_in: Tensor,
+                 var_in: Tensor) -> Tuple[Tensor, Tensor]:
+        mean_bn, var_bn = batch_stats_from_instance(mean_in, var_in)
+        if self.observer is not None:
+            self.observer(mean_bn.detach(), var_bn.detach())
+        return mean_bn, var_bn
+
+
 def layer_stats_from_instance(mean_in: Tensor,
                               var_in: Tensor) -> Tuple[Tensor, Tensor]:
     """LN statistics per sample, pooled from the IN statistics over c (in

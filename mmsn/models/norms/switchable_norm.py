@@ -19,7 +19,7 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmsn.ops.statistics import stats_dtype
+from mmsn.ops.statistics import PooledBatchStats, stats_dtype
 from mmsn.ops.switchable_norm import (autocast_off, batch_stats_from_instance,
                                       mixed_norm)
 
@@ -182,17 +182,29 @@ class _SwitchableNorm(_BatchNorm):
             return None
         if not self.training:
             return self.running_mean, self.running_var
-        if x is None:
-            return self._train_batch_stats
+        if self._pools_locally():
+            # the functional core pools them itself (no graph to build)
+            return PooledBatchStats(
+                functools.partial(self._observe_batch_stats, source=x))
         return functools.partial(self._train_batch_stats, source=x)
+
+    def _pools_locally(self) -> bool:
+        """Whether the BN statistics are this process's batch alone (SyncSN
+        pools across processes)."""
+        return True
 
     def _train_batch_stats(self, mean_in: Tensor, var_in: Tensor,
                            source: Optional[Tensor] = None):
         mean_bn, var_bn = self._reduce_batch_stats(mean_in, var_in)
-        if not _recomputing_in_backward():
-            self._update_running_stats(mean_bn.detach(), var_bn.detach(),
-                                       source)
+        self._observe_batch_stats(mean_bn.detach(), var_bn.detach(), source)
         return mean_bn, var_bn
+
+    def _observe_batch_stats(self, mean_bn: Tensor, var_bn: Tensor,
+                             source: Optional[Tensor] = None) -> None:
+        """This training batch's BN statistics (detached): they move the
+        running ones, once per step."""
+        if not _recomputing_in_backward():
+            self._update_running_stats(mean_bn, var_bn, source)
 
     def _non_finite_reason(self, source: Optional[Tensor],
                            stats_dtype: torch.dtype

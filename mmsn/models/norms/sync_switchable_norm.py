@@ -116,6 +116,9 @@ class SyncSwitchableNorm(SwitchableNorm2d):
                 and dist.is_initialized() and dist.get_world_size(
                     self.process_group or dist.group.WORLD) > 1)
 
+    def _pools_locally(self) -> bool:
+        return not self._pools()
+
     def _reduce_batch_stats(self, mean_in, var_in):
         if not self._pools():
             return batch_stats_from_instance(mean_in, var_in)
