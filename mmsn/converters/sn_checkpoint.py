@@ -15,15 +15,15 @@ lacks are added. Source keys that nothing asked for, keys the model needs
 that the source lacks, and shapes that differ are all reported together,
 each under its own name, before anything is written.
 """
-import os
 import os.path as osp
 import re
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
+
+from mmsn.utils.io import save_atomically
 
 
 @dataclass(frozen=True)
@@ -285,21 +285,6 @@ def _plain(value):
     return value
 
 
-def _save_atomically(obj, dst: str) -> None:
-    """Write to a temporary file first, so a failed save leaves no partial
-    ``dst`` (and an existing one untouched)."""
-    out_dir = osp.dirname(osp.abspath(dst))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix='.tmp')
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
-
-
 def convert_checkpoint(src: str,
                        dst: str,
                        model: Optional[str] = None,
@@ -365,5 +350,5 @@ def convert_checkpoint(src: str,
         # The zoo is trained on ImageNet-1k (class order of its folders,
         # which is mmpretrain's order); inferencers read the names here.
         meta['dataset_meta'] = dict(classes=IMAGENET_CATEGORIES)
-    _save_atomically(dict(meta=meta, state_dict=converted), dst)
+    save_atomically(dict(meta=meta, state_dict=converted), dst)
     return meta

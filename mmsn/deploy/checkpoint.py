@@ -8,7 +8,6 @@ against the source model on a batch before anything is written.
 import copy
 import os
 import os.path as osp
-import tempfile
 from typing import List, Optional, Sequence
 
 import torch
@@ -17,6 +16,7 @@ from mmengine.registry import DefaultScope
 from mmengine.runner import load_checkpoint
 from torch import nn
 
+from mmsn.utils.io import save_atomically
 from mmsn_runtime import CollapsedNorm
 from .collapse import CollapseError, collapse_model
 from .config import collapsed_config
@@ -100,17 +100,6 @@ def _renamed_state(src: nn.Module, mapping: dict) -> dict:
     return state
 
 
-def _atomic_save(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=osp.dirname(path), suffix='.tmp')
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
-
-
 def collapse_checkpoint(config: str,
                         checkpoint: str,
                         out_dir: str,
@@ -174,7 +163,7 @@ def collapse_checkpoint(config: str,
             rel_change=rel_change))
     if 'dataset_meta' in meta:
         new_meta['dataset_meta'] = meta['dataset_meta']
-    _atomic_save(dict(meta=new_meta, state_dict=target.state_dict()),
+    save_atomically(dict(meta=new_meta, state_dict=target.state_dict()),
                  ckpt_path)
     new_cfg.dump(cfg_path)
     return dict(picks=picks, config=cfg_path, checkpoint=ckpt_path,
