@@ -155,8 +155,9 @@ class CollapsedNorm(nn.Module):
         # normalized output is not used); eps 0 gives rstd inf, var 0, for
         # constant rows.
         n, c, positions = rows.shape
+        # contiguous: older torch's kernel refuses channels_last rows
         _, mean, rstd = torch.ops.aten.native_group_norm(
-            rows, None, None, n, c, positions, c, 0.0)
+            rows.contiguous(), None, None, n, c, positions, c, 0.0)
         var = rstd.pow(-2) * (positions / (positions - correction))
         return mean, var
 

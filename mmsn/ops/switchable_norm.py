@@ -47,6 +47,10 @@ def _needs_grad(tensors) -> bool:
 def autocast_off(device: torch.device):
     """Disable autocast where it is on (the meta device has none): SN
     computes its statistics and shares in float32 under AMP."""
+    if torch.compiler.is_compiling():
+        # dynamo records the context (older releases cannot trace
+        # is_autocast_available); nothing compiles on meta
+        return torch.autocast(device.type, enabled=False)
     if torch.amp.is_autocast_available(device.type) \
             and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)

@@ -25,9 +25,19 @@ import torch
 import triton
 from torch import Tensor
 
-from . import triton_kernels as kernels
-from . import triton_mixing as mixing_kernels
-from .base import RowBackend
+# The kernels are checked with triton 3.6 and 3.8; 3.3's interpreter fails
+# on them. Older releases make this module unavailable (SN then runs on the
+# generic PyTorch backend) rather than risk untested kernels.
+MIN_TRITON = (3, 6)
+if tuple(int(p) for p in triton.__version__.split('.')[:2]) < MIN_TRITON:
+    raise ImportError(
+        f'mmsn\'s Triton backend needs triton>='
+        f'{".".join(map(str, MIN_TRITON))} (checked with 3.6 and 3.8); '
+        f'found triton {triton.__version__}')
+
+from . import triton_kernels as kernels  # noqa: E402
+from . import triton_mixing as mixing_kernels  # noqa: E402
+from .base import RowBackend  # noqa: E402
 from .triton_tiles import (SMALL_TILE, TILE, Tiles, cdiv, column_blocks,
                            default_min_programs, next_power_of_2, plan_tiles,
                            sample_blocks)
