@@ -13,6 +13,12 @@ _IN, _LN, _BN = range(3)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _as_input(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` in x's dtype, without a no-op ``.to()`` (older ONNX exporters
+    trip on one followed by an in-place op)."""
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 @MODELS.register_module()
 class CollapsedNorm(nn.Module):
     """Normalize with the mean of one of IN, LN, BN and the variance of one
@@ -109,7 +115,7 @@ class CollapsedNorm(nn.Module):
             # the group count as a constant: exporters need it static
             out = F.group_norm(rows, self.num_features, weight * keep**0.5,
                                bias, self.eps * keep)
-            return out.view(x.shape).to(x.dtype)
+            return _as_input(out.view(x.shape), x)
         if var_src == _BN:  # the instance means suffice
             mean_in, var_in = rows.mean(-1), None
         else:
@@ -123,8 +129,8 @@ class CollapsedNorm(nn.Module):
         mean = (mean_in, mean_ln, self.running_mean.to(rows.dtype))[mean_src]
         var = (var_in, var_ln, self.running_var.to(rows.dtype))[var_src]
         mean, var = torch.broadcast_tensors(mean, var, rows[:, :, 0])[:2]
-        return self._normalize(rows, mean, var, weight, bias).view(
-            x.shape).to(x.dtype)
+        return _as_input(
+            self._normalize(rows, mean, var, weight, bias).view(x.shape), x)
 
     def _normalize(self, rows, mean, var, weight, bias):
         """(rows - mean) / sqrt(var + eps) * weight + bias, with (N, C)

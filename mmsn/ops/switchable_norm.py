@@ -143,7 +143,9 @@ def mixed_norm(x: Tensor,
             y3 = fused_norm(x3, *args, backend,
                             _needs_grad((x3, weight, bias, mean_share,
                                          var_share)))
-    y = y3.reshape(x.shape).to(x.dtype)
+    y = y3.reshape(x.shape)
+    if y.dtype != x.dtype:  # no-op .to() calls trip older ONNX exporters
+        y = y.to(x.dtype)
     fmt = _memory_format(x)
     if fmt is not None and not y.is_contiguous(memory_format=fmt):
         y = y.contiguous(memory_format=fmt)
