@@ -198,6 +198,8 @@ def main():
         if args.out and args.out_item == 'metrics' and get_rank() == 0:
             # Every rank holds the same metrics; one writer avoids a race.
             mmengine.dump(metrics, args.out)
+        # the model's DDP wrapper goes before the process group it uses
+        del runner
 
 
 if __name__ == '__main__':

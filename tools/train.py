@@ -167,6 +167,8 @@ def main():
 
         # start training
         runner.train()
+        # the model's DDP wrapper goes before the process group it uses
+        del runner
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ without ``device_ids``.
 """
 import contextlib
 import datetime
+import gc
 import os
 import subprocess
 from typing import Iterator
@@ -71,6 +72,10 @@ def destroy_cpu_distributed(created: bool) -> None:
     run, which torchrun reports as a failure.
     """
     if created and torch_dist.is_initialized():
+        # what still holds the group (a released Runner's DDP wrapper in a
+        # reference cycle) goes first: destroyed after the group, at exit,
+        # it can abort the process the same way
+        gc.collect()
         torch_dist.barrier()
         torch_dist.destroy_process_group()
 
