@@ -278,7 +278,7 @@ class _SwitchableNorm(_BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        if x.shape[0] == 0 or x[0, 0].numel() == 0:
+        if x.numel() == 0:  # C > 0 is checked: no samples or positions
             return self._empty_output(x)
         with autocast_off(x.device):
             mean_share, var_share = self._forward_shares(stats_dtype(x.dtype))

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
-from mmsn.ops.switchable_norm import batch_stats_from_instance
+from mmsn.ops.statistics import batch_stats_from_instance, stats_dtype
 from .switchable_norm import SwitchableNorm2d, _SwitchableNorm
 
 
@@ -126,7 +126,7 @@ class SyncSwitchableNorm(SwitchableNorm2d):
             mean_in, var_in, self.process_group)
         return mean, var
 
-    def _non_finite_reason(self, source, stats_dtype):
+    def _non_finite_reason(self, source, dtype):
         if self._pooled_count is not None and float(self._pooled_count) == 0:
             return None  # no process had a sample: nothing to learn from
         if source is not None and torch.isfinite(source).all() and \
@@ -134,12 +134,12 @@ class SyncSwitchableNorm(SwitchableNorm2d):
             return ('non-finite batch statistics pooled across processes '
                     '(this process\'s input is finite: NaN or Inf in '
                     'another\'s, or statistics that overflowed)', '')
-        return super()._non_finite_reason(source, stats_dtype)
+        return super()._non_finite_reason(source, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
         try:
             if x.numel() == 0 and self._pools():
+                self._check_input_dim(x)
                 return self._forward_empty(x)
             return super().forward(x)
         finally:
@@ -148,12 +148,10 @@ class SyncSwitchableNorm(SwitchableNorm2d):
     def _forward_empty(self, x: Tensor) -> Tensor:
         """Take part in the collectives with zero counts; the output is as
         empty as the input."""
-        stats_dtype = torch.float64 if x.dtype == torch.float64 \
-            else torch.float32
         # (0, C), in x's graph: backward then reaches the all-reduces as it
         # does on the other processes (only if x needs a gradient, as there)
         rows = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)
-        no_rows = rows[:0].sum(2).to(stats_dtype)
+        no_rows = rows[:0].sum(2).to(stats_dtype(x.dtype))
         pooled = self._train_batch_stats(no_rows, no_rows)
         return self._empty_output(x, *pooled)
 
