@@ -3,7 +3,23 @@ pass on GPUs) and any dense layout, channels_last included, without a copy.
 """
 import torch
 
+from ..statistics import serial_small_ops
 from .base import RowBackend
+
+
+def rows_grad_sums_by_batch_norm(dy, x3, mean_in):
+    """Per row ``(sum(dy * (x - mean_in)), sum(dy))``: BatchNorm's backward
+    on the (1, N*C, L) view (no copy for contiguous and channels_last rows)
+    returns exactly these as its weight and bias gradients, in one fused
+    pass."""
+    n, c, length = x3.shape
+    rows = n * c
+    with serial_small_ops(rows, x3.device):
+        ones = torch.ones(rows, dtype=x3.dtype, device=x3.device)
+    _, dot, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        dy.reshape(1, rows, length), x3.reshape(1, rows, length), None, None,
+        None, mean_in.reshape(rows), ones, True, 0.0, [False, True, True])
+    return dot.view(n, c), sum_dy.view(n, c)
 
 
 class GenericBackend(RowBackend):
@@ -22,17 +38,7 @@ class GenericBackend(RowBackend):
                              out=torch.empty_like(x3))
 
     def rows_grad_sums(self, dy, x3, mean_in):
-        # BatchNorm's backward on the (1, N*C, L) view (no copy for
-        # contiguous and channels_last rows) returns exactly these as its
-        # weight and bias gradients, in one fused pass.
-        n, c, length = x3.shape
-        rows = n * c
-        ones = torch.ones(rows, dtype=x3.dtype, device=x3.device)
-        _, dot, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy.reshape(1, rows, length), x3.reshape(1, rows, length), None,
-            None, None, mean_in.reshape(rows), ones, True, 0.0,
-            [False, True, True])
-        return dot.view(n, c), sum_dy.view(n, c)
+        return rows_grad_sums_by_batch_norm(dy, x3, mean_in)
 
     def rows_grad_input(self, dy, x3, mean_in, a, b, k):
         const = torch.addcmul(k, b, mean_in, value=-1)

@@ -6,6 +6,7 @@ import torch
 
 from ..statistics import serial_small_ops
 from .base import RowBackend
+from .generic import rows_grad_sums_by_batch_norm
 
 _aten = torch.ops.aten
 
@@ -58,16 +59,7 @@ class NativeBackend(RowBackend):
         return buf
 
     def rows_grad_sums(self, dy, x3, mean_in):
-        # BatchNorm's backward on the (1, N*C, L) view returns exactly these
-        # as its weight and bias gradients.
-        n, c, length = x3.shape
-        rows = n * c
-        ones, _ = _ones_zeros(rows, x3)
-        _, dot, sum_dy = _aten.native_batch_norm_backward(
-            dy.view(1, rows, length), x3.view(1, rows, length), None, None,
-            None, mean_in.reshape(rows), ones, True, 0.0,
-            [False, True, True])
-        return dot.view(n, c), sum_dy.view(n, c)
+        return rows_grad_sums_by_batch_norm(dy, x3, mean_in)
 
     def rows_grad_input(self, dy, x3, mean_in, a, b, k):
         n, c, length = x3.shape
