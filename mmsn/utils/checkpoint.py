@@ -76,11 +76,7 @@ def mmengine_checkpoint_globals() -> Iterator[None]:
         yield
 
 
-def _patch_checkpoint_loader() -> List[Replacement]:
-    name = 'checkpoint-loading'
-    if not hasattr(torch.serialization, 'safe_globals'):
-        # torch < 2.5 loads with weights_only=False by default.
-        return []
+def _patch_checkpoint_loader(name: str) -> List[Replacement]:
     from mmengine.runner.checkpoint import CheckpointLoader
     raw = vars(CheckpointLoader)['load_checkpoint']
     if is_patched(raw, name):

@@ -33,8 +33,7 @@ def _is_plain_sn(module: nn.Module) -> bool:
         module, SyncSwitchableNorm)
 
 
-def _patch_torch_sync_conversion() -> List[Replacement]:
-    name = 'sync-conversion-torch'
+def _patch_torch_sync_conversion(name: str) -> List[Replacement]:
     raw = vars(nn.SyncBatchNorm)['convert_sync_batchnorm']
     if is_patched(raw, name):
         return []
@@ -53,8 +52,7 @@ def _patch_torch_sync_conversion() -> List[Replacement]:
     ]
 
 
-def _patch_mmengine_sync_conversion() -> List[Replacement]:
-    name = 'sync-conversion-mmengine'
+def _patch_mmengine_sync_conversion(name: str) -> List[Replacement]:
     utils = importlib.import_module('mmengine.model.utils')
     original = utils.convert_sync_batchnorm
     if is_patched(original, name):
@@ -84,8 +82,7 @@ def _patch_mmengine_sync_conversion() -> List[Replacement]:
     return records
 
 
-def _patch_mmcv_fuse_conv_bn() -> List[Replacement]:
-    name = 'fuse-conv-bn'
+def _patch_mmcv_fuse_conv_bn(name: str) -> List[Replacement]:
     # ImportError without mmcv: nothing to patch.
     fuse_module = importlib.import_module('mmcv.cnn.utils.fuse_conv_bn')
     original = fuse_module._fuse_conv_bn
@@ -106,8 +103,7 @@ def _patch_mmcv_fuse_conv_bn() -> List[Replacement]:
     return [replace(fuse_module, '_fuse_conv_bn', _fuse_conv_bn)]
 
 
-def _patch_optim_constructor() -> List[Replacement]:
-    name = 'optim-importance-decay'
+def _patch_optim_constructor(name: str) -> List[Replacement]:
     from mmengine.optim import DefaultOptimWrapperConstructor
     original = vars(DefaultOptimWrapperConstructor)['add_params']
     if is_patched(original, name):

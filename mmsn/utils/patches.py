@@ -40,14 +40,15 @@ class Patch:
         name (str): Short name, as used by ``MMSN_NO_PATCHES``.
         target (str): The replaced function.
         reason (str): Why SN needs it.
-        install (callable): Replaces the target and returns the
+        install (callable): Given the patch's name (it marks the wrappers
+            with it), replaces the target and returns the
             :class:`Replacement` records; raises ImportError when the target
             library is not installed (the patch is then not needed).
     """
     name: str
     target: str
     reason: str
-    install: Callable[[], List[Replacement]]
+    install: Callable[[str], List[Replacement]]
 
 
 def wraps_as(patch_name: str, original: Callable) -> Callable:
@@ -139,7 +140,7 @@ def apply_patches(names: Optional[Iterable[str]] = None) -> List[str]:
         if patch.name in _applied or patch.name in skip:
             continue
         try:
-            records = patch.install()
+            records = patch.install(patch.name)
         except ImportError:  # e.g. mmcv not installed: nothing to patch
             continue
         _applied[patch.name] = records
