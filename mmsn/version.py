@@ -20,15 +20,21 @@ TESTED_RANGES: Dict[str, Tuple[str, Optional[str]]] = {
 MMCV_RANGE = ('2.0.0', '2.4.0')
 
 
-def _installed_version(module: str) -> Optional[str]:
+# module -> the distributions that may provide it
+DISTRIBUTIONS = {
+    'mmcv': ('mmcv', 'mmcv-lite', 'mmcv-full'),
+    'mmseg': ('mmsegmentation', ),
+}
+
+
+def installed_version(module: str) -> Optional[str]:
     """Version of an importable module without importing it (mmpretrain's
     import is slow and registers models), or None if it is not there."""
     from importlib.metadata import PackageNotFoundError, version
     from importlib.util import find_spec
     if find_spec(module) is None:
         return None
-    dists = {'mmcv': ('mmcv', 'mmcv-lite', 'mmcv-full')}.get(
-        module, (module, ))
+    dists = DISTRIBUTIONS.get(module, (module, ))
     for dist in dists:
         try:
             return version(dist)
@@ -46,7 +52,7 @@ def check_dependencies() -> None:
     """Raise ImportError naming every dependency outside its tested range."""
     ranges = dict(TESTED_RANGES, mmcv=MMCV_RANGE)
     problems = []
-    found = {name: _installed_version(name) for name in ranges}
+    found = {name: installed_version(name) for name in ranges}
     if found['mmengine'] is not None:
         from mmengine.utils import digit_version
     for name, (low, high) in ranges.items():

@@ -53,7 +53,7 @@ def test_import_check_uses_the_declared_ranges():
 def test_out_of_range_and_missing_dependencies_fail_the_import(monkeypatch):
     found = {'torch': '2.14.1', 'torchvision': '0.29.1', 'mmengine': '0.9.1',
              'mmpretrain': '1.2.0', 'mmcv': None}
-    monkeypatch.setattr(mmsn_version, '_installed_version', found.get)
+    monkeypatch.setattr(mmsn_version, 'installed_version', found.get)
     with pytest.raises(ImportError) as err:
         mmsn_version.check_dependencies()
     message = str(err.value)

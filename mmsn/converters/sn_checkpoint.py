@@ -343,7 +343,7 @@ def convert_checkpoint(src: str,
             epoch=_plain(checkpoint.get('epoch')),
             best_prec1=_plain(checkpoint.get('best_prec1')),
             using_bn=using_bn,
-            norm=KNOWN_MODELS[name].norm_type,
+            norm=arch.norm_type,
             converter='tools/model_converters/sn_to_mmpretrain.py'),
         config=config or suggested_config(name, using_bn))
     if converted['head.fc.weight'].shape[0] == len(IMAGENET_CATEGORIES):

@@ -7,7 +7,6 @@ and which implementation of SN's passes each device will use.
 import os
 import os.path as osp
 import subprocess
-from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 
 import torch
@@ -16,13 +15,14 @@ from mmengine.utils.dl_utils import collect_env as collect_base_env
 import mmsn
 from mmsn.ops._extension import compiled_ops_origin
 from mmsn.ops.backends import backend_name
+from mmsn.version import installed_version
 
-# name in the report -> (module, distributions that provide it)
+# name in the report -> module
 OPENMMLAB_PACKAGES = {
-    'MMCV': ('mmcv', ('mmcv', 'mmcv-lite', 'mmcv-full')),
-    'MMPreTrain': ('mmpretrain', ('mmpretrain', )),
-    'MMDetection': ('mmdet', ('mmdet', )),
-    'MMSegmentation': ('mmseg', ('mmsegmentation', )),
+    'MMCV': 'mmcv',
+    'MMPreTrain': 'mmpretrain',
+    'MMDetection': 'mmdet',
+    'MMSegmentation': 'mmseg',
 }
 MMSN_VARIABLES = ('MMSN_WITH_OPS', 'MMSN_SN_PATH', 'MMSN_CACHE')
 BACKEND_DESCRIPTIONS = {
@@ -30,15 +30,6 @@ BACKEND_DESCRIPTIONS = {
     'native': "PyTorch's CPU kernels (mmsn's compiled ones are not loaded)",
     'generic': 'device-agnostic PyTorch ops',
 }
-
-
-def _distribution(dists):
-    for dist in dists:
-        try:
-            return dist, version(dist)
-        except PackageNotFoundError:
-            continue
-    return None, 'unknown (no package metadata)'
 
 
 def _mmsn_version() -> str:
@@ -68,10 +59,9 @@ def collect_env(with_torch_compiling_info: bool = False) -> dict:
     env_info = collect_base_env()
     if not with_torch_compiling_info:
         env_info.pop('PyTorch compiling details', None)
-    for name, (module, dists) in OPENMMLAB_PACKAGES.items():
-        if find_spec(module) is None:
-            continue
-        env_info[name] = _distribution(dists)[1]
+    for name, module in OPENMMLAB_PACKAGES.items():
+        if find_spec(module) is not None:
+            env_info[name] = installed_version(module) or 'unknown'
     if 'MMCV' in env_info:     # mmdet/mmseg need the compiled ops
         with_ops = find_spec('mmcv._ext') is not None
         env_info['MMCV'] += ' (full, with ops)' if with_ops else (
