@@ -60,11 +60,17 @@ def make_input(shape, dtype=torch.float32, seed=1):
     return random_input(shape, dtype, seed)
 
 
+# grad_fn names of the fast paths: the layer operators' C++ autograd
+# (compiled path), the autograd Function over a backend (the others)
+FAST_NODES = ('SwitchableNormTrain', 'SwitchableNormEval',
+              'FusedSwitchableNormBackward')
+
+
 def uses_fast_path(y):
-    """Whether the fused Function is among the last few graph nodes."""
+    """Whether a fast path's node is among the last few graph nodes."""
     nodes = [y.grad_fn]
     for _ in range(4):
-        if any(type(f).__name__ == 'FusedSwitchableNormBackward'
+        if any(f is not None and any(n in f.name() for n in FAST_NODES)
                for f in nodes):
             return True
         nodes = [g for f in nodes if f is not None
@@ -129,6 +135,7 @@ def reference_run(layer, x, grad_out, steps=2):
         buffers = {'running_mean': mean, 'running_var': var,
                    'num_batches_tracked': layer.num_batches_tracked +
                    (steps if layer.training else 0)}
+    buffers['nonfinite'] = torch.zeros_like(layer.nonfinite)
     # parameter gradients accumulate over the steps
     return ([y.detach()] * steps, [x64.grad] * steps,
             {n: p.grad * steps for n, p in zip(PARAMS, params)}, buffers)

@@ -15,6 +15,7 @@ import torch
 from mmsn import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
                   SyncSwitchableNorm)
 from mmsn import ops as sn_ops
+from mmsn.ops import library
 from mmsn.ops import backends
 from sn_reference import reference_sn
 from sn_paths import PARAMS, PATHS, make_input, make_layer
@@ -66,7 +67,12 @@ def test_default_paths_by_device():
     assert backends.forced_path() == ''
 
 
-def test_path_is_chosen_once_per_call(monkeypatch):
+@pytest.mark.parametrize('path,selections', [('', 0), ('compiled', 0),
+                                              ('native', 1), ('generic', 1)])
+def test_path_is_chosen_once_per_call(path, selections, monkeypatch):
+    """The device's default path runs the layer operators (their kernels
+    are chosen when registered: no choice per call); a forced other path
+    chooses its backend once per call, forward and backward included."""
     calls = []
     select = backends.select
 
@@ -77,8 +83,11 @@ def test_path_is_chosen_once_per_call(monkeypatch):
     monkeypatch.setattr(backends, 'select', counting_select)
     layer = make_layer(SwitchableNorm2d)
     x = make_input((4, 6, 5, 3)).requires_grad_()
-    layer(x).sum().backward()
-    assert len(calls) == 1
+    with backends.forced(path):
+        y = layer(x)
+        y.sum().backward()
+    assert len(calls) == selections
+    assert ('SwitchableNormTrain' in y.grad_fn.name()) == (selections == 0)
 
 
 def test_forced_compiled_on_another_device_is_a_clear_error():
@@ -155,6 +164,7 @@ def without_compiled_kernels(monkeypatch):
                         lambda: (None, REASON))
     monkeypatch.setattr(backends, '_compiled', {})
     monkeypatch.setattr(backends, '_warned_native', False)
+    monkeypatch.setattr(library, '_LAYER_OPS', None)
 
 
 def test_missing_compiled_kernels_warn_once_and_fall_back(

@@ -130,12 +130,18 @@ def test_batch_stats_fn_called_once_per_forward():
 
 
 def saved_bytes(fn, *args):
-    """Bytes of the distinct storages that autograd keeps for backward."""
+    """Bytes of the distinct storages that autograd keeps for backward,
+    other than the module's own parameters and buffers (alive anyway)."""
     storages = {}
+    owned = set()
+    if isinstance(fn, torch.nn.Module):
+        owned = {t.untyped_storage().data_ptr()
+                 for t in (*fn.parameters(), *fn.buffers())}
 
     def pack(t):
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in owned:
+            storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

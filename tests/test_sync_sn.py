@@ -20,8 +20,8 @@ from mmsn import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
 from test_switchable_norm import C, make_input, make_layer
 
 # Samples per process, by world size.
-UNEQUAL = {2: (3, 1), 3: (3, 1, 2)}
-WITH_EMPTY = {2: (0, 3), 3: (2, 0, 3)}
+UNEQUAL = {2: (3, 1), 3: (3, 1, 2), 4: (3, 1, 2, 1)}
+WITH_EMPTY = {2: (0, 3), 3: (2, 0, 3), 4: (2, 0, 3, 1)}
 # Input shape after N, and the SN class for it in a single process.
 SHAPES = {
     '2d': ((C, ), SwitchableNorm1d),
@@ -29,8 +29,11 @@ SHAPES = {
     '4d': ((C, 3, 2), SwitchableNorm2d),
     '5d': ((C, 2, 2, 3), SwitchableNorm3d),
 }
-OFFSETS = (255.0, 1e3, 1e4)
+# (std, mean) of the precision batches: a large mean against the spread
+OFFSETS = ((2.0, 255.0), (2.0, 1e3), (2.0, 1e4), (0.1, 1e4))
 PRECISION_SHAPE = (8, 4, 5, 5)
+# how the precision batch is split: empty and one-sample parts included
+PRECISION_SIZES = {2: (4, 4), 3: (1, 0, 7), 4: (3, 0, 1, 4)}
 # rounding errors vary from batch to batch: compare the largest over several
 PRECISION_SEEDS = range(6)
 STEPS = 3
@@ -50,10 +53,11 @@ def part(t, sizes, rank):
 
 
 def precision_batch(offset, seed):
-    gen = torch.Generator().manual_seed(int(offset) + seed)
+    std, mean = offset
+    gen = torch.Generator().manual_seed(int(mean / std) + seed)
     x = torch.randn(PRECISION_SHAPE, generator=gen, dtype=torch.float64)
     g = torch.randn(PRECISION_SHAPE, generator=gen, dtype=torch.float64)
-    return x * 2 + offset, g
+    return x * std + mean, g
 
 
 def step(layer, x, g):
@@ -163,15 +167,14 @@ def _session(rank, world, out_dir):
                                      part(g, UNEQUAL[world], rank))
             _in_step(world, results, 'subset')
 
-        if world == 2:
-            half = PRECISION_SHAPE[0] // 2
-            rows = slice(rank * half, (rank + 1) * half)
-            for offset in OFFSETS:
-                for seed in PRECISION_SEEDS:
-                    x, g = precision_batch(offset, seed)
-                    results[f'precision/{offset}/{seed}'] = step(
-                        SyncSwitchableNorm(PRECISION_SHAPE[1]),
-                        x[rows].float(), g[rows].float())
+        sizes = PRECISION_SIZES[world]
+        for offset in OFFSETS:
+            for seed in PRECISION_SEEDS:
+                x, g = precision_batch(offset, seed)
+                results[f'precision/{offset}/{seed}'] = step(
+                    SyncSwitchableNorm(PRECISION_SHAPE[1]),
+                    part(x, sizes, rank).float(),
+                    part(g, sizes, rank).float())
 
         # A small network trained with DDP, SN converted to SyncSN.
         sizes = UNEQUAL[world]
@@ -203,7 +206,8 @@ def _session(rank, world, out_dir):
     torch.save(results, os.path.join(out_dir, f'rank{rank}.pth'))
 
 
-@pytest.fixture(scope='module', params=[2, 3], ids=['2proc', '3proc'])
+@pytest.fixture(scope='module', params=[2, 3, 4],
+                ids=['2proc', '3proc', '4proc'])
 def session(request, tmp_path_factory):
     world = request.param
     tmp = tmp_path_factory.mktemp(f'sync{world}')
@@ -356,13 +360,12 @@ def _flat(result):
     return out
 
 
-@pytest.mark.parametrize('offset', OFFSETS)
+@pytest.mark.parametrize('offset', OFFSETS, ids=lambda o: f'{o[0]}@{o[1]}')
 def test_precision_within_twice_single_process_sn(session, offset):
     """Pooled statistics lose no more than SN on the joined batch: largest
-    error over a few batches against float64, at std 2 and a large mean."""
+    error over a few batches against float64, at a large mean against the
+    spread, with the batch split unevenly (empty and one-sample parts)."""
     world, ranks = session
-    if world != 2:
-        pytest.skip('the precision case runs with 2 processes')
     channels = PRECISION_SHAPE[1]
     sync_errors, sn_errors, floors = {}, {}, {}
     for seed in PRECISION_SEEDS:
@@ -384,7 +387,8 @@ def test_precision_within_twice_single_process_sn(session, offset):
             # computation
             floors[k] = max(floors.get(k, 0.0), torch.finfo(
                 torch.float32).eps * value.abs().max().item())
-    print(f'\noffset {offset:g}, largest error vs float64 over '
+    print(f'\n{world} processes, std {offset[0]:g}, mean {offset[1]:g}, '
+          f'largest error vs float64 over '
           f'{len(PRECISION_SEEDS)} batches, SyncSN / SN: ' + ', '.join(
               f'{k} {sync_errors[k]:.2e} / {sn_errors[k]:.2e}'
               for k in sn_errors))

@@ -73,19 +73,26 @@ def _forward(state, backend: RowBackend, x3, weight, bias, mean_share,
             correction)
     else:
         mean_in, var_in, scratch = backend.moments(xf, correction)
-        batch = _batch_stats(state, batch_stats_fn, mean_in, var_in,
-                             need_x_grad)
+        # the per-(n, c) algebra in double, as the compiled kernels do:
+        # pooled and mixed statistics keep the precision of the moments
+        batch = _batch_stats(state, batch_stats_fn, mean_in.double(),
+                             var_in.double(), need_x_grad)
         # the fused methods cannot take the gradient of a batch graph
         state.fused = backend.fused and state.batch_graph is None
         if state.fused:
             y = backend.sn_normalize(xf, mean_in, var_in, weight, bias,
-                                     *shares, *(batch or (None, None)), eps)
+                                     *shares,
+                                     *(fixed_stats(batch, dtype)
+                                       or (None, None)), eps)
         else:
             with serial_small_ops(mean_in.numel(), xf.device):
-                w, u = shares[0].unbind(), shares[1].unbind()
-                ln = layer_stats_from_instance(mean_in, var_in)
-                *_, scale, shift = small_forward(mean_in, var_in, weight,
-                                                 bias, w, u, ln, batch, eps)
+                mean64, var64 = mean_in.double(), var_in.double()
+                w, u = (s.double().unbind() for s in shares)
+                ln = layer_stats_from_instance(mean64, var64)
+                *_, scale, shift = small_forward(
+                    mean64, var64, _param(weight, torch.float64),
+                    _param(bias, torch.float64), w, u, ln, batch, eps)
+                scale, shift = scale.to(dtype), shift.to(dtype)
             y = backend.rows_affine(xf, scratch, mean_in, scale, shift)
             state.small = (w, u, ln)
     state.batch, state.weight, state.shares = batch, weight, shares
@@ -115,27 +122,9 @@ class FusedSwitchableNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x3, mean_in, var_in = ctx.saved_tensors
-        backend = ctx.backend
         needs = ctx.needs_input_grad[:5]
-        xf = backend.prepare(x3)
-        dy = backend.prepare_grad(grad_y, xf)
-        if ctx.fused:
-            grads = list(backend.sn_backward(
-                dy, xf, mean_in, var_in, ctx.weight, *ctx.shares,
-                *(ctx.batch or (None, None)), ctx.pooled_bn, ctx.eps,
-                ctx.correction, needs[0]))
-            if not needs[0]:
-                grads[0] = None
-        else:
-            dot, sum_dy = backend.rows_grad_sums(dy, xf, mean_in)
-            w, u, ln = ctx.small
-            with serial_small_ops(mean_in.numel(), xf.device):
-                grads, dx_coefs = small_backward(
-                    dot, sum_dy, mean_in, var_in, ctx.weight, w, u, ln,
-                    ctx.batch, ctx.eps, needs, ctx.pooled_bn, xf.shape[2],
-                    ctx.correction, _graph_grad(ctx.batch_graph))
-            if needs[0]:
-                grads[0] = backend.rows_grad_input(dy, xf, mean_in, *dx_coefs)
+        grads = backward_passes(ctx, ctx.backend, x3, mean_in, var_in,
+                                grad_y, needs)
         if grads[0] is not None:
             grads[0] = grads[0].to(x3.dtype)
         for i, dtype in enumerate(ctx.param_dtypes, 1):
@@ -144,6 +133,56 @@ class FusedSwitchableNorm(torch.autograd.Function):
             elif grads[i] is not None:
                 grads[i] = grads[i].to(dtype)
         return (*grads, None, None, None, None)
+
+
+def backward_state(backend: RowBackend, mean_in, weight, shares, batch,
+                   pooled_bn: bool, eps: float, correction: int):
+    """What :func:`backward_passes` needs, rebuilt from the forward's
+    inputs (for a backward that did not run the forward in this process's
+    autograd graph: the layer operators' kernels)."""
+    state = SimpleNamespace(backend=backend, eps=eps, correction=correction,
+                            fused=backend.fused, batch=batch, weight=weight,
+                            shares=shares, pooled_bn=pooled_bn,
+                            batch_graph=None)
+    if not state.fused:
+        state.small = (shares[0].double().unbind(),
+                       shares[1].double().unbind(), None)
+    return state
+
+
+def backward_passes(state, backend: RowBackend, x3, mean_in, var_in, grad_y,
+                    needs):
+    """Gradients ``[dx, d_gamma, d_beta, d_mean_share, d_var_share]``: dx in
+    the prepared input's dtype, the others in the statistics' dtype or
+    float64 (None where ``needs`` says none is needed, except that the
+    fused kernels give all parameter gradients)."""
+    xf = backend.prepare(x3)
+    dy = backend.prepare_grad(grad_y, xf)
+    if state.fused:
+        grads = list(backend.sn_backward(
+            dy, xf, mean_in, var_in, state.weight, *state.shares,
+            *(fixed_stats(state.batch, mean_in.dtype) or (None, None)),
+            state.pooled_bn, state.eps, state.correction, needs[0]))
+        if not needs[0]:
+            grads[0] = None
+        return grads
+    dot, sum_dy = backend.rows_grad_sums(dy, xf, mean_in)
+    w, u, ln = state.small
+    with serial_small_ops(mean_in.numel(), xf.device):
+        mean64, var64 = mean_in.double(), var_in.double()
+        if ln is None:
+            ln = layer_stats_from_instance(mean64, var64)
+        grads, dx_coefs = small_backward(
+            dot.double(), sum_dy.double(), mean64, var64,
+            _param(state.weight, torch.float64), w, u, ln,
+            fixed_stats(state.batch, torch.float64), state.eps, needs,
+            state.pooled_bn, xf.shape[2], state.correction,
+            _graph_grad(state.batch_graph))
+        if needs[0]:
+            dx_coefs = tuple(c.to(xf.dtype) for c in dx_coefs)
+    if needs[0]:
+        grads[0] = backend.rows_grad_input(dy, xf, mean_in, *dx_coefs)
+    return grads
 
 
 def _graph_grad(batch_graph):

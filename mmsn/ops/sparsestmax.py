@@ -30,13 +30,27 @@ def sparsemax(v: Tensor) -> Tensor:
     ``1 + k * v_(k) > sum_{j <= k} v_(j)``; the threshold ``tau`` makes the
     support's entries ``v_i - tau`` sum to 1.
     """
+    return _sparsemax(v, False)[0]
+
+
+def _sparsemax(v: Tensor, with_jacobian: bool):
     num = v.shape[-1]
-    ordered = v.sort(-1, descending=True).values
+    ordered, order = v.sort(-1, descending=True)
     ranks = torch.arange(1, num + 1, device=v.device, dtype=v.dtype)
     cumulative = ordered.cumsum(-1)
     support_size = (1 + ranks * ordered > cumulative).sum(-1, keepdim=True)
     tau = (cumulative.gather(-1, support_size - 1) - 1) / support_size
-    return torch.relu(v - tau)
+    point = torch.relu(v - tau)
+    if not with_jacobian:
+        return point, None
+    # d p_i / d v_j = [v_i > tau] (delta_ij - [j in the prefix] / size)
+    rank = order.argsort(-1)
+    in_prefix = (rank < support_size).to(v.dtype)
+    active = (v - tau > 0).to(v.dtype)
+    eye = torch.eye(num, dtype=v.dtype, device=v.device)
+    jacobian = active.unsqueeze(-1) * (
+        eye - (in_prefix / support_size).unsqueeze(-2))
+    return point, jacobian
 
 
 def _support_centre(point: Tensor):
@@ -60,6 +74,18 @@ def sparsestmax(v: Tensor, radius) -> Tensor:
     Returns:
         Tensor: Shares on the simplex, of ``v``'s shape and dtype.
     """
+    return _sparsestmax(v, radius, False)[0]
+
+
+def sparsestmax_jacobian(v: Tensor, radius):
+    """:func:`sparsestmax` and its Jacobian ``d shares_i / d v_j`` (...,
+    K, K), carried through every step instead of asked of autograd (which
+    a kernel below autograd cannot use). The gradient of the shares is
+    ``jacobian^T @ grad``."""
+    return _sparsestmax(v, radius, True)
+
+
+def _sparsestmax(v: Tensor, radius, with_jacobian: bool):
     if v.dim() == 0 or v.shape[-1] < 2:
         raise ValueError(f'sparsestmax needs at least 2 entries in the last '
                          f'dimension, got shape {tuple(v.shape)}')
@@ -67,10 +93,11 @@ def sparsestmax(v: Tensor, radius) -> Tensor:
     if radius.numel() == 1:
         radius = radius.reshape(())
     rad2 = radius.square().expand(v.shape[:-1]).unsqueeze(-1)
-    point = sparsemax(v)
+    point, jac = _sparsemax(v, with_jacobian)
     centre, size = _support_centre(point)
     done = size == 1
     one = torch.ones_like(rad2)
+    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
     # Each round either finishes a row or shrinks its support by one.
     for _ in range(v.shape[-1] - 1):
         diff = point - centre
@@ -80,12 +107,23 @@ def sparsestmax(v: Tensor, radius) -> Tensor:
         dist2 = diff.square().sum(-1, keepdim=True)
         settled = done | (dist2 >= rad2) | (dist2 == 0)
         # where() on both sides keeps the unused branch finite for autograd
-        ratio = torch.where(settled, one,
-                            rad2 / torch.where(settled, one, dist2))
+        safe_dist2 = torch.where(settled, one, dist2)
+        ratio = torch.where(settled, one, rad2 / safe_dist2)
         pushed = centre + diff * ratio.sqrt()
         left = ~settled & (pushed < 0).any(-1, keepdim=True)
-        projected = sparsemax(pushed)
+        projected, jac_proj = _sparsemax(pushed, with_jacobian)
         new_centre, new_size = _support_centre(projected)
+        if with_jacobian:
+            # the centre and radius are constant where the support is:
+            # d pushed = s (I - d d^T / |d|^2) (I - centre 1^T) d point
+            jac_diff = (eye - centre.unsqueeze(-1)) @ jac
+            jac_push = ratio.sqrt().unsqueeze(-1) * (
+                eye - diff.unsqueeze(-1) * diff.unsqueeze(-2)
+                / safe_dist2.unsqueeze(-1)) @ jac_diff
+            jac = torch.where(
+                settled.unsqueeze(-1), jac,
+                torch.where(left.unsqueeze(-1), jac_proj @ jac_push,
+                            jac_push))
         point = torch.where(settled, point,
                             torch.where(left, projected, pushed))
         rad2 = torch.where(
@@ -93,7 +131,11 @@ def sparsestmax(v: Tensor, radius) -> Tensor:
             rad2)
         centre = torch.where(left, new_centre, centre)
         done = ~left | (new_size == 1)
-    return point.clamp(0, 1)
+    if with_jacobian:
+        # clamp passes the gradient inside the closed interval
+        inside = (point >= 0) & (point <= 1)
+        jac = jac * inside.unsqueeze(-1).to(jac.dtype)
+    return point.clamp(0, 1), jac
 
 
 def is_one_hot(shares: Tensor) -> Tensor:
@@ -102,4 +144,4 @@ def is_one_hot(shares: Tensor) -> Tensor:
     return (shares > 0).sum(-1, keepdim=True) == 1
 
 
-__all__ = ['sparsemax', 'sparsestmax', 'is_one_hot']
+__all__ = ['sparsemax', 'sparsestmax', 'sparsestmax_jacobian', 'is_one_hot']

@@ -151,16 +151,17 @@ def is_default_pooling(batch_graph) -> bool:
 class PooledBatchStats:
     """The default BN statistics as a ``batch_stats_fn``: this batch's,
     pooled from its IN statistics over n (:func:`batch_stats_from_instance`),
-    handed (detached) to ``observer`` once computed (a layer updates its
-    running statistics there).
+    handed (detached, with the IN means they came from) to ``observer`` once
+    computed (a layer updates its running statistics there).
 
     Calling it is the generic route; the fast path recognises it and pools
     without building a graph, writing the gradient out in closed form.
     """
     __slots__ = ('observer', )
 
-    def __init__(self, observer: Optional[Callable[[Tensor, Tensor],
-                                                   None]] = None) -> None:
+    def __init__(self,
+                 observer: Optional[Callable[[Tensor, Tensor, Tensor],
+                                             None]] = None) -> None:
         self.observer = observer
 
     def pooled(self, mean_in: Tensor, var_in: Tensor) -> Tuple[Tensor, Tensor]:
@@ -168,15 +169,75 @@ class PooledBatchStats:
         mean_bn, var_bn = _pooled_stats(mean_in.detach(), var_in.detach(), 0)
         mean_bn, var_bn = mean_bn.squeeze(0), var_bn.squeeze(0)
         if self.observer is not None:
-            self.observer(mean_bn, var_bn)
+            self.observer(mean_bn, var_bn, mean_in.detach())
         return mean_bn, var_bn
 
     def __call__(self, mean_in: Tensor,
                  var_in: Tensor) -> Tuple[Tensor, Tensor]:
         mean_bn, var_bn = batch_stats_from_instance(mean_in, var_in)
         if self.observer is not None:
-            self.observer(mean_bn.detach(), var_bn.detach())
+            self.observer(mean_bn.detach(), var_bn.detach(), mean_in.detach())
         return mean_bn, var_bn
+
+
+# ---------------------------------------------------------------------------
+# Running statistics
+# ---------------------------------------------------------------------------
+# Slots of a layer's ``nonfinite`` counter (int64, (4,)): training batches
+# with NaN/Inf in the input; finite training batches whose statistics
+# overflowed; eval forwards with non-finite statistics; SyncSN batches
+# pooled non-finite from other processes (this one's input finite or empty).
+NONFINITE_INPUT, OVERFLOWED, NONFINITE_EVAL, NONFINITE_POOLED = range(4)
+NONFINITE_SLOTS = 4
+
+
+@torch.no_grad()
+def update_running_stats_(running_mean: Tensor, running_var: Tensor,
+                          num_batches_tracked: Tensor,
+                          nonfinite: Optional[Tensor], mean_bn: Tensor,
+                          var_bn: Tensor, slot_if_bad: Tensor,
+                          momentum: Optional[float],
+                          moving_average: bool) -> None:
+    """Move the running statistics by one training batch's BN statistics,
+    on their device: a batch with a non-finite statistic leaves them and
+    ``num_batches_tracked`` as they are and counts in ``nonfinite`` at
+    ``slot_if_bad`` (an int64 scalar tensor; a negative slot counts
+    nowhere). Nothing is read back to the host, so this never waits for
+    the device (the compiled CPU kernels and the Triton kernels apply the
+    same rule).
+
+    ``momentum``: ``running = (1 - m) running + m batch``; None is the
+    cumulative average. ``moving_average=False`` pools every batch since the
+    last reset (mean of the means, second moments averaged likewise).
+    """
+    good = torch.isfinite(mean_bn).all() & torch.isfinite(var_bn).all()
+    num_batches_tracked.add_(good.to(num_batches_tracked.dtype))
+    if nonfinite is not None:
+        slots = torch.arange(NONFINITE_SLOTS, device=nonfinite.device)
+        nonfinite.add_(((slots == slot_if_bad) & ~good).to(nonfinite.dtype))
+    # in double, rounded once into the buffers (as the compiled kernels do)
+    mean, var = running_mean.double(), running_var.double()
+    mean_bn, var_bn = mean_bn.double(), var_bn.double()
+    if moving_average and momentum is not None:
+        factor = momentum
+    else:
+        factor = num_batches_tracked.clamp_min(1).double().reciprocal()
+    new_mean = torch.lerp(mean, mean_bn, factor)
+    if moving_average:
+        new_var = torch.lerp(var, var_bn, factor)
+    else:
+        second = var + mean.square()
+        new_var = (torch.lerp(second, var_bn + mean_bn.square(), factor)
+                   - new_mean.square()).clamp_min_(0)
+    running_mean.copy_(torch.where(good, new_mean, mean))
+    running_var.copy_(torch.where(good, new_var, var))
+
+
+def nonfinite_slot(mean_in: Tensor) -> Tensor:
+    """Which ``nonfinite`` slot a non-finite batch counts in: its input had
+    NaN/Inf (a non-finite IN mean) or its finite statistics overflowed."""
+    return torch.where(torch.isfinite(mean_in).all(), OVERFLOWED,
+                       NONFINITE_INPUT)
 
 
 def layer_stats_from_instance(mean_in: Tensor,
@@ -189,17 +250,30 @@ def layer_stats_from_instance(mean_in: Tensor,
 # ---------------------------------------------------------------------------
 # Mixing
 # ---------------------------------------------------------------------------
+def _mixed(stat_in, shares, stat_ln, stat_bn):
+    """``sum_k share_k * stat_k`` with the value of ``stat_in + sum_{k>0}
+    share_k (stat_k - stat_in)``: equal statistics (a constant input) give
+    exactly that statistic, although float shares do not sum to exactly 1.
+    The gradient is the plain sum's (the shares' gradient of the paper's
+    formula); where a statistic is infinite (inf - inf) the plain sum's
+    value stands too."""
+    plain = shares[1] * stat_ln
+    exact = stat_in + shares[1] * (stat_ln - stat_in)
+    if stat_bn is not None:
+        plain = plain + shares[2] * stat_bn
+        exact = exact + shares[2] * (stat_bn - stat_in)
+    plain = torch.addcmul(plain, shares[0], stat_in)
+    correction = (exact - plain).detach()
+    return plain + torch.where(torch.isnan(correction), 0., correction)
+
+
 def mix(mean_in, var_in, w, u, ln, batch, eps):
     """Mixed mean and ``var + eps`` (N, C), given the importance shares
     ``w``/``u`` (unbound), the LN statistics (N, 1) and the BN ones (C,) or
     None. The one formula every path uses (differentiable by autograd)."""
-    mean_small = w[1] * ln[0]
-    var_small = u[1] * ln[1] + eps
-    if batch is not None:
-        mean_small = mean_small + w[2] * batch[0]
-        var_small = var_small + u[2] * batch[1]
-    return (torch.addcmul(mean_small, w[0], mean_in),
-            torch.addcmul(var_small, u[0], var_in))
+    mean = _mixed(mean_in, w, ln[0], None if batch is None else batch[0])
+    var = _mixed(var_in, u, ln[1], None if batch is None else batch[1])
+    return mean, var + eps
 
 
 def mix_with_shares(mean_in: Tensor, var_in: Tensor, mean_share: Tensor,

@@ -22,6 +22,7 @@ from . import backends
 from ._capture import capturing_graph
 from .composite import composite_norm
 from .function import fused_norm
+from .library import layer_ops
 from .statistics import (LOW_PRECISION, BatchStats, BatchStatsFn,
                          batch_stats_from_instance, in_var_correction,
                          stats_dtype)
@@ -78,6 +79,44 @@ def _is_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+# Under torch.compile, SN layers are traced as plain ops (the composite
+# path, which inductor fuses with its neighbours) rather than as the opaque
+# layer operators: tools/analysis/benchmark_norm.py's compile section
+# measures both.
+_compile_with_layer_ops = False
+
+
+@contextlib.contextmanager
+def compile_with_layer_ops(enabled: bool = True):
+    """Inside the block, torch.compile traces SN layers as their layer
+    operators (opaque to inductor) instead of as plain ops."""
+    global _compile_with_layer_ops
+    if enabled:
+        layer_ops()  # loaded here: tracing must not load a library
+    saved, _compile_with_layer_ops = _compile_with_layer_ops, enabled
+    try:
+        yield
+    finally:
+        _compile_with_layer_ops = saved
+
+
+def layer_ops_for(x: Tensor):
+    """The layer operators (:func:`.library.layer_ops`) where they run
+    ``x``: mmsn._C is loaded, no tracer or exporter records the call (under
+    torch.compile: see :func:`compile_with_layer_ops`) and no path other
+    than the device's default is forced (``MMSN_SN_PATH``). None otherwise:
+    the layers then call :func:`mixed_norm`."""
+    if torch.compiler.is_compiling():
+        if not _compile_with_layer_ops:
+            return None
+    elif torch.jit.is_tracing():
+        return None
+    forced = backends.forced_path()
+    if forced and forced != backends.default_path(x.device):
+        return None
+    return layer_ops()
 
 
 def mixed_norm(x: Tensor,
@@ -178,6 +217,6 @@ def switchable_norm(x: Tensor,
 
 
 __all__ = [
-    'switchable_norm', 'mixed_norm', 'BatchStatsFn', 'BatchStats',
+    'switchable_norm', 'mixed_norm', 'layer_ops_for', 'compile_with_layer_ops', 'BatchStatsFn', 'BatchStats',
     'in_var_correction'
 ]

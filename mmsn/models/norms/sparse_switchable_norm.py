@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mmsn.ops.sparsestmax import is_one_hot, sparsestmax
 from .switchable_norm import _SwitchableNorm
-from .sync_switchable_norm import SyncSwitchableNorm
+from .sync_switchable_norm import SYNC_VARIANTS, SyncSwitchableNorm
 
 
 class _SparseSwitchableNorm(_SwitchableNorm):
@@ -78,6 +78,19 @@ class _SparseSwitchableNorm(_SwitchableNorm):
             self._freeze_one_hot(torch.stack([mean_share, var_share]))
         return mean_share, var_share
 
+    def _op_weights(self, ops) -> Tuple[Tensor, Tensor, bool]:
+        params, buffers = self._parameters, self._buffers
+        mean_weight, var_weight = params['mean_weight'], params['var_weight']
+        mean_fixed, var_fixed = buffers['mean_fixed'], buffers['var_fixed']
+        mean_share, var_share, _ = ops.sparsestmax_shares(
+            mean_weight, var_weight, buffers['radius'], mean_fixed,
+            var_fixed)
+        if self.training:
+            ops.sparsestmax_freeze_(mean_weight, var_weight, mean_fixed,
+                                    var_fixed, mean_weight.grad,
+                                    var_weight.grad, mean_share, var_share)
+        return mean_share, var_share, False
+
     @torch.no_grad()
     def _freeze_one_hot(self, shares: Tensor) -> None:
         """Flag the vectors whose shares are one-hot and (re)write the one-hot
@@ -104,10 +117,6 @@ class _SparseSwitchableNorm(_SwitchableNorm):
             stored = F.one_hot(param.argmax(), param.numel()).to(param.dtype)
             param.copy_(torch.where(fixed[i], stored, param))
 
-    @classmethod
-    def _sync_variant(cls) -> type:
-        return SyncSparseSwitchableNorm
-
     def extra_repr(self) -> str:
         return super().extra_repr() + ', sparsestmax'
 
@@ -117,8 +126,7 @@ class SparseSwitchableNorm1d(_SparseSwitchableNorm):
     input (see :class:`mmsn.SwitchableNorm1d` for the statistics and
     :class:`_SparseSwitchableNorm` for the arguments)."""
 
-    def _expected_dims(self):
-        return (2, 3)
+    _input_dims = (2, 3)
 
 
 class SparseSwitchableNorm2d(_SparseSwitchableNorm):
@@ -128,15 +136,13 @@ class SparseSwitchableNorm2d(_SparseSwitchableNorm):
     :class:`_SparseSwitchableNorm` for the arguments.
     """
 
-    def _expected_dims(self):
-        return (4, )
+    _input_dims = (4, )
 
 
 class SparseSwitchableNorm3d(_SparseSwitchableNorm):
     """Sparse Switchable Normalization over a 5D (N, C, D, H, W) input."""
 
-    def _expected_dims(self):
-        return (5, )
+    _input_dims = (5, )
 
 
 class SyncSparseSwitchableNorm(_SparseSwitchableNorm, SyncSwitchableNorm):
@@ -150,6 +156,7 @@ class SyncSparseSwitchableNorm(_SparseSwitchableNorm, SyncSwitchableNorm):
         **kwargs: See :class:`_SparseSwitchableNorm`.
     """
 
+SYNC_VARIANTS[_SparseSwitchableNorm] = SyncSparseSwitchableNorm
 MODELS.register_module('SSN', module=SparseSwitchableNorm2d)
 MODELS.register_module('SSN1d', module=SparseSwitchableNorm1d)
 MODELS.register_module('SSN2d', module=SparseSwitchableNorm2d)

@@ -8,10 +8,9 @@ OpenMMLab treats SN as a norm layer everywhere BN is special-cased
 ``mmsn.utils.compat`` keeps the BN-only tools (sync conversion, conv fusion)
 from silently turning it into BN.
 """
-import functools
+import inspect
 import math
 import numbers
-import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -19,14 +18,25 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmsn.ops.statistics import PooledBatchStats, stats_dtype
+from mmsn.ops._capture import capturing_graph
+from mmsn.ops.statistics import (NONFINITE_SLOTS, PooledBatchStats,
+                                 nonfinite_slot, stats_dtype,
+                                 update_running_stats_)
 from mmsn.ops.switchable_norm import (autocast_off, batch_stats_from_instance,
-                                      mixed_norm)
+                                      layer_ops_for, mixed_norm)
+from .nonfinite import NonFiniteReport
 
 
-# The default momentum depends on the arity (as in the authors' layers), and
-# momentum=None must stay expressible (cumulative average, as in BN).
-_ARITY_DEFAULT = object()
+class _ArityDefault:
+    """The default momentum, which depends on the arity (as in the authors'
+    layers) while ``momentum=None`` stays the cumulative average (as in
+    BN)."""
+
+    def __repr__(self) -> str:
+        return 'arity default (0.1 for 2d SN, 0.003 for 1d/3d and SSN)'
+
+
+_ARITY_DEFAULT = _ArityDefault()
 
 
 def _check_arguments(num_features, eps, momentum, flags: dict) -> None:
@@ -63,9 +73,37 @@ def _recomputing_in_backward() -> bool:
 
     ``torch.utils.checkpoint`` (reentrant or not) reruns the forward inside
     the backward pass; the running statistics were already updated by the
-    first forward and must not move twice per step.
+    first forward and must not move twice per step. PyTorch has no public
+    way to ask: an autograd graph task is running only during backward.
+    Under torch.compile nothing reruns the update (the functionalized
+    graph writes the buffers once, after the forward), and the question is
+    not traced.
     """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
+
+
+def _public_signature(cls) -> inspect.Signature:
+    """The signature ``help()`` and IDEs show for a concrete layer class:
+    the base class's arguments with this class's default momentum, and
+    the keyword arguments its own ``__init__`` adds (``process_group``)."""
+    params = [
+        p.replace(default=cls._default_momentum) if p.name == 'momentum'
+        else p
+        for p in list(inspect.signature(
+            _SwitchableNorm.__init__).parameters.values())[1:]
+    ]
+    names = {p.name for p in params}
+    for klass in cls.__mro__:
+        init = vars(klass).get('__init__')
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind == p.KEYWORD_ONLY and p.name not in names:
+                params.append(p)
+                names.add(p.name)
+    return inspect.Signature(params)
 
 
 class _SwitchableNorm(_BatchNorm):
@@ -136,9 +174,20 @@ class _SwitchableNorm(_BatchNorm):
             torch.ones(num_branches, device=device, dtype=dtype))
         self.var_weight = nn.Parameter(
             torch.ones(num_branches, device=device, dtype=dtype))
+        # batches that could not move the running statistics, counted on
+        # the device (see .nonfinite); not part of the checkpoint
+        self.register_buffer(
+            'nonfinite',
+            torch.zeros(NONFINITE_SLOTS, dtype=torch.long, device=device),
+            persistent=False)
+        self._nonfinite_report = NonFiniteReport()
         self.reset_parameters()
         for param in self.parameters():
             param.requires_grad_(requires_grad)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = _public_signature(cls)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -149,13 +198,14 @@ class _SwitchableNorm(_BatchNorm):
             nn.init.zeros_(self.weight)
 
     # -- input checks -------------------------------------------------------
-    def _expected_dims(self) -> Tuple[int, ...]:
-        raise NotImplementedError
+    _input_dims: Tuple[int, ...] = ()  # the ranks a subclass accepts
 
     def _check_input_dim(self, x: Tensor) -> None:
-        dims = self._expected_dims()
-        if x.dim() not in dims:
-            shapes = ' or '.join(f'{d}D' for d in dims)
+        if not x.is_floating_point():
+            raise TypeError(f'{type(self).__name__} expects a floating-point '
+                            f'input, got {x.dtype}')
+        if x.dim() not in self._input_dims:
+            shapes = ' or '.join(f'{d}D' for d in self._input_dims)
             raise ValueError(
                 f'{type(self).__name__} expects a {shapes} input '
                 f'(N, C, ...), got a {x.dim()}D input of shape '
@@ -173,10 +223,9 @@ class _SwitchableNorm(_BatchNorm):
         """
         return batch_stats_from_instance(mean_in, var_in)
 
-    def _batch_stats(self, x: Optional[Tensor] = None):
+    def _batch_stats(self):
         """What the functional core mixes in as BN statistics: this batch's
         (a function of the IN ones) in training, the running ones in eval.
-        ``x``, the input, only serves to explain non-finite statistics.
         """
         if not self.using_bn:
             return None
@@ -184,77 +233,48 @@ class _SwitchableNorm(_BatchNorm):
             return self.running_mean, self.running_var
         if self._pools_locally():
             # the functional core pools them itself (no graph to build)
-            return PooledBatchStats(
-                functools.partial(self._observe_batch_stats, source=x))
-        return functools.partial(self._train_batch_stats, source=x)
+            return PooledBatchStats(self._observe_batch_stats)
+        return self._train_batch_stats
 
     def _pools_locally(self) -> bool:
         """Whether the BN statistics are this process's batch alone (SyncSN
         pools across processes)."""
         return True
 
-    def _train_batch_stats(self, mean_in: Tensor, var_in: Tensor,
-                           source: Optional[Tensor] = None):
+    def _train_batch_stats(self, mean_in: Tensor, var_in: Tensor):
         mean_bn, var_bn = self._reduce_batch_stats(mean_in, var_in)
-        self._observe_batch_stats(mean_bn.detach(), var_bn.detach(), source)
+        self._observe_batch_stats(mean_bn.detach(), var_bn.detach(),
+                                  mean_in.detach())
         return mean_bn, var_bn
 
     def _observe_batch_stats(self, mean_bn: Tensor, var_bn: Tensor,
-                             source: Optional[Tensor] = None) -> None:
-        """This training batch's BN statistics (detached): they move the
-        running ones, once per step."""
+                             mean_in: Tensor) -> None:
+        """This training batch's BN statistics (detached) and the IN means
+        they came from: they move the running ones, once per step."""
         if not _recomputing_in_backward():
-            self._update_running_stats(mean_bn, var_bn, source)
+            update_running_stats_(self.running_mean, self.running_var,
+                                  self.num_batches_tracked, self.nonfinite,
+                                  mean_bn, var_bn,
+                                  self._nonfinite_slot(mean_in),
+                                  self.momentum, self.moving_average)
 
-    def _non_finite_reason(self, source: Optional[Tensor],
-                           stats_dtype: torch.dtype
-                           ) -> Optional[Tuple[str, str]]:
-        """Why the batch statistics are not finite, and what to do (None:
-        say nothing). Runs only once they are found non-finite, so it may
-        be slow."""
-        dtype = str(stats_dtype).replace('torch.', '')
-        if source is None:
-            return (f'non-finite batch statistics (NaN or Inf in the input, '
-                    f'or statistics beyond {dtype})', '')
-        if not torch.isfinite(source).all():
-            return 'non-finite batch statistics (NaN or Inf in the input)', ''
-        largest = float(source.detach().abs().max())
-        limit = math.sqrt(torch.finfo(stats_dtype).max)
-        return (f'the batch statistics overflowed {dtype} although the '
-                f'input is finite (largest |x| = {largest:.3g}; squared '
-                f'deviations do not fit {dtype} beyond |x| ~ {limit:.2g}), '
-                f'so the output does not normalize the input',
-                ' Scale the input down or run this layer in float64.')
+    def _nonfinite_slot(self, mean_in: Tensor) -> Tensor:
+        """Where a batch with non-finite BN statistics is counted."""
+        return nonfinite_slot(mean_in)
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean_bn: Tensor, var_bn: Tensor,
-                              source: Optional[Tensor] = None) -> None:
-        # one host sync per layer: the check needs a Python bool to warn
-        finite = torch.isfinite(mean_bn).all() & torch.isfinite(var_bn).all()
-        if not finite:
-            reason = self._non_finite_reason(source, var_bn.dtype)
-            if reason is not None:
-                what, advice = reason
-                warnings.warn(
-                    f'{type(self).__name__}: {what}; running statistics '
-                    f'keep their last value.{advice}', RuntimeWarning,
-                    stacklevel=4)
-            return
-        self.num_batches_tracked.add_(1)
-        mean_bn = mean_bn.to(self.running_mean.dtype)
-        var_bn = var_bn.to(self.running_var.dtype)
-        if self.moving_average:
-            factor = (1.0 / float(self.num_batches_tracked)
-                      if self.momentum is None else self.momentum)
-            self.running_mean.lerp_(mean_bn, factor)
-            self.running_var.lerp_(var_bn, factor)
-        else:
-            factor = 1.0 / float(self.num_batches_tracked)
-            second_moment = self.running_var + self.running_mean.square()
-            second_moment.lerp_(var_bn + mean_bn.square(), factor)
-            self.running_mean.lerp_(mean_bn, factor)
-            self.running_var.copy_(
-                (second_moment - self.running_mean.square()).clamp_min_(0))
+    def report_nonfinite(self, blocking: bool = False) -> None:
+        """Warn about batches whose statistics were not finite since the
+        last report (see :mod:`.nonfinite`). Called after every eager
+        forward (it reads only what has arrived without waiting) and, with
+        ``blocking=True``, when the layer switches between training and
+        eval."""
+        self._nonfinite_report.poll(type(self).__name__, self.nonfinite,
+                                    blocking=blocking)
+
+    def train(self, mode: bool = True):
+        if mode != self.training:
+            self.report_nonfinite(blocking=True)
+        return super().train(mode)
 
     # -- importance shares -------------------------------------------------
     def shares(self,
@@ -270,20 +290,67 @@ class _SwitchableNorm(_BatchNorm):
         there in training."""
         return self.shares(dtype)
 
+    def _op_weights(self, ops) -> Tuple[Tensor, Tensor, bool]:
+        """What the layer operators mix with: the importance logits (the
+        operator takes their softmax), or shares (False)."""
+        params = self._parameters
+        return params['mean_weight'], params['var_weight'], True
+
     def importance(self) -> Tuple[Tensor, Tensor]:
         """The shares of the means and the variances, [IN, LN(, BN)], as
         float32 tensors without gradient."""
         with torch.no_grad():
             return tuple(s.float() for s in self.shares())
 
+    # -- forward -------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         if x.numel() == 0:  # C > 0 is checked: no samples or positions
             return self._empty_output(x)
+        ops = layer_ops_for(x) if self._uses_layer_ops() else None
+        if ops is None:
+            y = self._forward_functional(x)
+        else:
+            y = self._forward_layer_ops(ops, x)
+        if not torch.compiler.is_compiling():
+            self._nonfinite_report.poll(type(self).__name__,
+                                        self._buffers['nonfinite'], x.dtype)
+        return y
+
+    def _uses_layer_ops(self) -> bool:
+        """Whether this call may run as one of mmsn's layer operators
+        (SyncSN's pooling runs between its passes, so it cannot)."""
+        return True
+
+    def _forward_layer_ops(self, ops, x: Tensor) -> Tensor:
+        mean_weight, var_weight, softmax = self._op_weights(ops)
+        # the dictionaries, not Module.__getattr__ (~1 us per name): this
+        # call costs the host about what a BatchNorm call does
+        params, buffers = self._parameters, self._buffers
+        if self.training:
+            return ops.switchable_norm_train(
+                x, params['weight'], params['bias'], mean_weight, var_weight,
+                buffers['running_mean'], buffers['running_var'],
+                buffers['num_batches_tracked'], buffers['nonfinite'],
+                softmax, self.momentum, self.moving_average, self.eps,
+                self.unbiased, not _recomputing_in_backward())[0]
+        return ops.switchable_norm_eval(
+            x, params['weight'], params['bias'], mean_weight, var_weight,
+            buffers['running_mean'], buffers['running_var'],
+            buffers['nonfinite'], softmax, self.eps, self.unbiased)[0]
+
+    def _forward_functional(self, x: Tensor) -> Tensor:
+        """Through the functional core: where no layer operator applies
+        (tracing and export, a forced path, no mmsn._C, SyncSN)."""
+        # Shares in double, as the layer operators take them, so that the
+        # softmax's backward (a difference of the shares' gradients, which
+        # are large for inputs with a large mean) keeps its precision; a
+        # tracer records the statistics' dtype (exporters lack float64).
+        dtype = stats_dtype(x.dtype) if capturing_graph() else torch.float64
         with autocast_off(x.device):
-            mean_share, var_share = self._forward_shares(stats_dtype(x.dtype))
+            mean_share, var_share = self._forward_shares(dtype)
         return mixed_norm(x, self.weight, self.bias, mean_share, var_share,
-                          self._batch_stats(x), self.eps, self.unbiased)
+                          self._batch_stats(), self.eps, self.unbiased)
 
     def _empty_output(self, x: Tensor, *tied: Tensor) -> Tensor:
         """The output for an input without elements: as empty, but in the
@@ -292,12 +359,6 @@ class _SwitchableNorm(_BatchNorm):
         ``tied``."""
         zero = sum(t.sum() for t in (*self.parameters(), *tied)) * 0
         return x * 0 + zero.to(x.dtype)
-
-    @classmethod
-    def _sync_variant(cls) -> type:
-        """The class that sync conversion turns this layer into."""
-        from .sync_switchable_norm import SyncSwitchableNorm
-        return SyncSwitchableNorm
 
     def extra_repr(self) -> str:
         return (f'{self.num_features}, eps={self.eps}, '
@@ -318,8 +379,7 @@ class SwitchableNorm1d(_SwitchableNorm):
     """
     _default_momentum = 0.003
 
-    def _expected_dims(self):
-        return (2, 3)
+    _input_dims = (2, 3)
 
 
 class SwitchableNorm2d(_SwitchableNorm):
@@ -330,8 +390,7 @@ class SwitchableNorm2d(_SwitchableNorm):
     """
     _default_momentum = 0.1
 
-    def _expected_dims(self):
-        return (4, )
+    _input_dims = (4, )
 
 
 class SwitchableNorm3d(_SwitchableNorm):
@@ -342,8 +401,7 @@ class SwitchableNorm3d(_SwitchableNorm):
     """
     _default_momentum = 0.003
 
-    def _expected_dims(self):
-        return (5, )
+    _input_dims = (5, )
 
 
 MODELS.register_module('SN', module=SwitchableNorm2d)

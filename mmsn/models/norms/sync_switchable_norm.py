@@ -20,8 +20,21 @@ import torch.distributed as dist
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
-from mmsn.ops.statistics import batch_stats_from_instance, stats_dtype
+from mmsn.ops.statistics import NONFINITE_POOLED, batch_stats_from_instance
 from .switchable_norm import SwitchableNorm2d, _SwitchableNorm
+
+# Layer class -> the class sync conversion turns it into; modules that
+# define more layers (SSN) add theirs.
+SYNC_VARIANTS = {}
+
+
+def sync_variant(cls: type) -> type:
+    """The synchronized class for an SN layer class (the closest base class
+    registered in :data:`SYNC_VARIANTS`)."""
+    for klass in cls.__mro__:
+        if klass in SYNC_VARIANTS:
+            return SYNC_VARIANTS[klass]
+    raise TypeError(f'{cls.__name__} has no synchronized variant')
 
 
 def _all_reduce_(tensor: Tensor, group, what: str) -> Tensor:
@@ -105,10 +118,10 @@ class SyncSwitchableNorm(SwitchableNorm2d):
                  **kwargs) -> None:
         super().__init__(num_features, *args, **kwargs)
         self.process_group = process_group
+        # the joined batch's size (a device scalar) while a forward pools
         self._pooled_count: Optional[Tensor] = None
 
-    def _expected_dims(self):
-        return (2, 3, 4, 5)
+    _input_dims = (2, 3, 4, 5)
 
     def _pools(self) -> bool:
         """Whether this call pools the BN statistics across processes."""
@@ -119,6 +132,9 @@ class SyncSwitchableNorm(SwitchableNorm2d):
     def _pools_locally(self) -> bool:
         return not self._pools()
 
+    def _uses_layer_ops(self) -> bool:
+        return not self._pools()
+
     def _reduce_batch_stats(self, mean_in, var_in):
         if not self._pools():
             return batch_stats_from_instance(mean_in, var_in)
@@ -126,15 +142,15 @@ class SyncSwitchableNorm(SwitchableNorm2d):
             mean_in, var_in, self.process_group)
         return mean, var
 
-    def _non_finite_reason(self, source, dtype):
-        if self._pooled_count is not None and float(self._pooled_count) == 0:
-            return None  # no process had a sample: nothing to learn from
-        if source is not None and torch.isfinite(source).all() and \
-                self._pools():
-            return ('non-finite batch statistics pooled across processes '
-                    '(this process\'s input is finite: NaN or Inf in '
-                    'another\'s, or statistics that overflowed)', '')
-        return super()._non_finite_reason(source, dtype)
+    def _nonfinite_slot(self, mean_in: Tensor) -> Tensor:
+        local = super()._nonfinite_slot(mean_in)
+        if self._pooled_count is None:
+            return local
+        # this process's input finite (or empty): the others' was not; no
+        # process had a sample: nothing to learn from, nothing to count
+        slot = torch.where(torch.isfinite(mean_in).all(), NONFINITE_POOLED,
+                           local)
+        return torch.where(self._pooled_count.reshape(()) == 0, -1, slot)
 
     def forward(self, x: Tensor) -> Tensor:
         try:
@@ -151,9 +167,13 @@ class SyncSwitchableNorm(SwitchableNorm2d):
         # (0, C), in x's graph: backward then reaches the all-reduces as it
         # does on the other processes (only if x needs a gradient, as there)
         rows = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)
-        no_rows = rows[:0].sum(2).to(stats_dtype(x.dtype))
+        # in double, as the other processes' functional core pools
+        no_rows = rows[:0].sum(2).double()
         pooled = self._train_batch_stats(no_rows, no_rows)
-        return self._empty_output(x, *pooled)
+        y = self._empty_output(x, *pooled)
+        self._nonfinite_report.poll(type(self).__name__, self.nonfinite,
+                                    x.dtype)
+        return y
 
     @classmethod
     def convert_sync_switchable_norm(cls, module: nn.Module,
@@ -165,7 +185,7 @@ class SyncSwitchableNorm(SwitchableNorm2d):
         if isinstance(module, _SwitchableNorm) and not isinstance(
                 module, SyncSwitchableNorm):
             like = next(module.parameters())
-            output = module._sync_variant()(
+            output = sync_variant(type(module))(
                 module.num_features,
                 eps=module.eps,
                 momentum=module.momentum,
@@ -188,4 +208,5 @@ class SyncSwitchableNorm(SwitchableNorm2d):
         return output
 
 
+SYNC_VARIANTS[_SwitchableNorm] = SyncSwitchableNorm
 MODELS.register_module('SyncSN', module=SyncSwitchableNorm)

@@ -81,6 +81,12 @@ def _compiled_backend() -> Optional[CompiledBackend]:
     return _compiled['backend']
 
 
+def compiled_ops():
+    """The ``torch.ops.mmsn`` namespace when mmsn._C loaded, else None."""
+    backend = _compiled_backend()
+    return None if backend is None else backend.ops
+
+
 def compiled_kernels_available() -> bool:
     """Whether the CPU kernels of ``mmsn._C`` were built and loaded."""
     return _compiled_backend() is not None
@@ -96,6 +102,11 @@ def _triton_backend() -> Optional[RowBackend]:
             _triton['backend'] = None
             _triton['error'] = f'{type(err).__name__}: {err}'
     return _triton['backend']
+
+
+def triton_backend() -> Optional[RowBackend]:
+    """The Triton backend, or None where it cannot be imported."""
+    return _triton_backend()
 
 
 def _triton_interpreted() -> bool:
@@ -115,6 +126,11 @@ def _warn_native_once() -> None:
 def _native_warned() -> NativeBackend:
     _warn_native_once()
     return _native
+
+
+def default_path(device: Union[torch.device, str]) -> str:
+    """The path tensors on ``device`` take when none is forced."""
+    return _default_path(torch.device(device))
 
 
 def _default_path(device: torch.device) -> str:
@@ -187,5 +203,5 @@ def select(x: Tensor) -> Optional[RowBackend]:
 __all__ = [
     'PATHS', 'RowBackend', 'CompiledBackend', 'NativeBackend',
     'GenericBackend', 'select', 'forced', 'forced_path', 'backend_name',
-    'compiled_kernels_available'
+    'compiled_kernels_available', 'triton_backend'
 ]

@@ -18,6 +18,11 @@ class CompiledBackend(RowBackend):
     def __init__(self, ops) -> None:
         self._ops = ops
 
+    @property
+    def ops(self):
+        """The ``torch.ops.mmsn`` namespace."""
+        return self._ops
+
     def moments(self, x3, correction):
         mean_in, var_in = self._ops.instance_moments(x3, correction)
         return mean_in, var_in, None

@@ -1,0 +1,262 @@
+// The whole SN layer on the CPU: the passes of rows.h with the per-(n, c)
+// algebra of mixing.h computed in double inside them.
+//
+//   train_rows     forward after the moments: BN statistics pooled from
+//                  the IN ones, running statistics moved, the output
+//   forward_fixed  forward when the BN statistics do not depend on the
+//                  batch (running statistics, or none), sample by sample
+//   backward_rows  gradients of x, gamma, beta and the shares: one pass for
+//                  the per-row sums, one for dx
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <atomic>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "mixing.h"
+#include "rows.h"
+#include "running_stats.h"
+
+namespace mmsn {
+namespace {
+
+// Sample blocks of the backward's reductions over (N, C).
+constexpr int64_t kReductionBlocks = 8;
+
+// What one call mixes: shares on the simplex, where the BN statistics come
+// from, gamma and beta.
+struct LayerArgs {
+  std::optional<at::Tensor> weight, bias;
+  std::vector<double> w, u;
+  BatchStats bn;
+  std::optional<at::Tensor> batch_mean, batch_var;  // BatchStats::kGiven
+  double eps;
+};
+
+template <typename T>
+Mixing<T> mixing_of(const at::Tensor& mean_in, const at::Tensor& var_in,
+                    const LayerArgs& a, bool layer_stats_now = true) {
+  return Mixing<T>(mean_in, var_in, a.weight, a.w, a.u, a.bn, a.batch_mean,
+                   a.batch_var, a.eps, layer_stats_now);
+}
+
+// y of the rows x after their moments. With BN statistics pooled from this
+// batch, ``running`` (when given) moves by them when they are finite;
+// otherwise the batch is counted in ``nonfinite``.
+at::Tensor train_rows(const at::Tensor& x, const at::Tensor& mean_in,
+                      const at::Tensor& var_in, const LayerArgs& a,
+                      const std::optional<RunningStats>& running,
+                      const std::optional<at::Tensor>& nonfinite) {
+  check_rows(x, "switchable_norm");
+  check_per_row(x, mean_in, "switchable_norm");
+  check_per_row(x, var_in, "switchable_norm");
+  const int64_t c = x.size(1), rows = x.size(0) * c, length = x.size(2);
+  const std::vector<double> beta = per_channel(a.bias, c, "bias");
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_train_rows", [&] {
+    const Mixing<scalar_t> mix = mixing_of<scalar_t>(mean_in, var_in, a);
+    if (running.has_value() && a.bn == BatchStats::kPooled) {
+      if (mix.input_finite && mix.batch_finite) {
+        update_running_stats(*running, mix.bn_mean, mix.bn_var);
+      } else {
+        count_nonfinite(nonfinite, mix.input_finite ? kOverflowedStats
+                                                    : kNonFiniteInput);
+      }
+    }
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
+      normalize_rows(mix, beta, px, py, b, e, length);
+    });
+  });
+  return y;
+}
+
+// Forward when the BN statistics do not depend on this batch (running
+// statistics in eval, or no BN branch): sample by sample, the moments, the
+// LN statistics and the output, so that the second read of a sample comes
+// from cache. Returns y and the IN moments (kept for backward); counts the
+// call in ``nonfinite`` (eval slot) when a statistic is not finite.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_fixed(
+    const at::Tensor& x, const LayerArgs& a, int64_t correction,
+    const std::optional<at::Tensor>& nonfinite) {
+  check_rows(x, "switchable_norm");
+  const int64_t n = x.size(0), c = x.size(1), length = x.size(2);
+  TORCH_CHECK(length > correction, "mmsn::switchable_norm: ", length,
+              " positions leave no degrees of freedom for correction ",
+              correction);
+  const std::vector<double> beta = per_channel(a.bias, c, "bias");
+  at::Tensor mean = at::empty({n, c}, x.options());
+  at::Tensor var = at::empty_like(mean);
+  at::Tensor y = at::empty_like(x);
+  std::atomic<bool> finite{true};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_forward_fixed", [&] {
+    Mixing<scalar_t> mix =
+        mixing_of<scalar_t>(mean, var, a, /*layer_stats_now=*/false);
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* pm = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* pv = var.mutable_data_ptr<scalar_t>();
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    const int64_t grain = row_grain(length);
+    // rows of one sample in parallel (runs inline inside the parallel loop
+    // over samples below)
+    auto sample = [&](int64_t i) {
+      at::parallel_for(i * c, (i + 1) * c, grain, [&](int64_t b, int64_t e) {
+        moments_of_rows(px, pm, pv, b, e, length, correction);
+      });
+      mix.layer_stats(i);
+      if (!(std::isfinite(mix.ln_mean[i]) && std::isfinite(mix.ln_var[i]))) {
+        finite = false;  // a non-finite IN statistic makes these so too
+      }
+      at::parallel_for(i * c, (i + 1) * c, grain, [&](int64_t b, int64_t e) {
+        normalize_rows(mix, beta, px, py, b, e, length);
+      });
+    };
+    if (n >= at::get_num_threads()) {
+      at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) sample(i);
+      });
+    } else {
+      for (int64_t i = 0; i < n; ++i) sample(i);
+    }
+  });
+  if (!finite) count_nonfinite(nonfinite, kNonFiniteEval);
+  return {y, mean, var};
+}
+
+// Gradients of SN from the rows x and dy (same shape and dtype).
+struct LayerGrads {
+  at::Tensor dx;  // empty unless asked for
+  std::vector<double> d_gamma, d_beta, d_mean_share, d_var_share;
+};
+
+// ``pooled_grad``: the BN statistics are this batch's pooling, so their
+// gradient flows into dx; otherwise they are constants.
+LayerGrads backward_rows(const at::Tensor& dy, const at::Tensor& x,
+                         const at::Tensor& mean_in_t,
+                         const at::Tensor& var_in_t, const LayerArgs& a,
+                         bool pooled_grad, int64_t correction, bool need_dx) {
+  check_rows(x, "switchable_norm_backward");
+  check_same(x, dy, "switchable_norm_backward");
+  check_per_row(x, mean_in_t, "switchable_norm_backward");
+  check_per_row(x, var_in_t, "switchable_norm_backward");
+  TORCH_CHECK(!pooled_grad || a.bn != BatchStats::kNone,
+              "mmsn::switchable_norm_backward: pooled BN statistics need a "
+              "BN branch");
+  const int64_t n = x.size(0), c = x.size(1), length = x.size(2);
+  LayerGrads out;
+  out.dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  out.d_gamma.assign(c, 0.0);
+  out.d_beta.assign(c, 0.0);
+  const auto sums = rows_grad_sums(dy, x, mean_in_t);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_backward_rows", [&] {
+    const Mixing<scalar_t> mix = mixing_of<scalar_t>(mean_in_t, var_in_t, a);
+    const scalar_t* dot = std::get<0>(sums).const_data_ptr<scalar_t>();
+    const scalar_t* sum_dy = std::get<1>(sums).const_data_ptr<scalar_t>();
+    // Row (per-sample) and column (per-channel) sums of the gradients of
+    // the mixed statistics, and the gradients of the shares. Samples are
+    // split into a fixed number of blocks, summed in parallel and merged in
+    // order, so that the result does not depend on the thread count.
+    std::vector<double> gm_row(n, 0.0), gv_row(n, 0.0);
+    const int64_t blocks = std::min<int64_t>(n, kReductionBlocks);
+    // per block: gm_col, gv_col, d_gamma, d_beta (C each), then gp_mean and
+    // gp_var (3 each)
+    const int64_t stride = 4 * c + 6;
+    std::vector<double> partial(blocks * stride, 0.0);
+    at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
+      for (int64_t k = kb; k < ke; ++k) {
+        double* gm_col = &partial[k * stride];
+        double* gv_col = gm_col + c;
+        double* dg = gv_col + c;
+        double* db = dg + c;
+        double* gp = db + c;  // gp_mean[0..2], gp_var[0..2]
+        for (int64_t i = n * k / blocks; i < n * (k + 1) / blocks; ++i) {
+          double gm = 0, gv = 0;
+          for (int64_t j = 0; j < c; ++j) {
+            const int64_t r = i * c + j;
+            const RowGrads g = row_grads(mix, i, j, dot[r], sum_dy[r]);
+            dg[j] += g.grad_centered * g.rstd;
+            db[j] += sum_dy[r];
+            gm += g.neg_grad_mean;
+            gv += g.grad_var;
+            gm_col[j] += g.neg_grad_mean;
+            gv_col[j] += g.grad_var;
+            gp[0] += g.neg_grad_mean * mix.mean_in[r];
+            gp[3] += g.grad_var * mix.var_in[r];
+          }
+          gm_row[i] = gm;
+          gv_row[i] = gv;
+          gp[1] += gm * mix.ln_mean[i];
+          gp[4] += gv * mix.ln_var[i];
+        }
+      }
+    });
+    std::vector<double> gm_col(c, 0.0), gv_col(c, 0.0);
+    std::vector<double> gp_mean(mix.w.size(), 0.0), gp_var(mix.u.size(), 0.0);
+    for (int64_t k = 0; k < blocks; ++k) {
+      const double* part = &partial[k * stride];
+      for (int64_t j = 0; j < c; ++j) {
+        gm_col[j] += part[j];
+        gv_col[j] += part[c + j];
+        out.d_gamma[j] += part[2 * c + j];
+        out.d_beta[j] += part[3 * c + j];
+      }
+      for (int t = 0; t < 2; ++t) {
+        gp_mean[t] += part[4 * c + t];
+        gp_var[t] += part[4 * c + 3 + t];
+      }
+    }
+    if (mix.has_bn()) {
+      for (int64_t j = 0; j < c; ++j) {
+        gp_mean[2] += gm_col[j] * mix.bn_mean[j];
+        gp_var[2] += gv_col[j] * mix.bn_var[j];
+      }
+    }
+    // gp_mean holds the gradient of the negated mixed mean
+    out.d_mean_share = gp_mean;
+    for (double& v : out.d_mean_share) v = -v;
+    out.d_var_share = gp_var;
+    if (!need_dx) return;
+
+    // dx = scale * dy + coef_x * (x - mean_in) + k per row, through the IN
+    // statistics directly and through the pooled LN (and BN) ones:
+    // mean_p = mean(mean_in), var_p = mean(var_in + (mean_in - mean_p)^2)
+    // have d/dmean_in = (1 + 2 g_var (mean_in - mean_p)) / count and
+    // d/dvar_in = 1 / count.
+    const double dvar_dx = 2.0 / static_cast<double>(length - correction);
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    scalar_t* pdx = out.dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n * c, row_grain(length), [&](int64_t b, int64_t e) {
+      for (int64_t r = b, i = b / c, j = b % c; r < e; ++r, ++j) {
+        if (j == c) j = 0, ++i;  // (i, j) = divmod(r, c), without dividing
+        const RowGrads g = row_grads(mix, i, j, dot[r], sum_dy[r]);
+        const double gv_ln = gv_row[i] * mix.u[1] / c;
+        const double mean_r = mix.mean_in[r];
+        double grad_mean_in =
+            -(gm_row[i] * mix.w[1] / c + mix.w[0] * g.neg_grad_mean) +
+            2.0 * (mean_r - mix.ln_mean[i]) * gv_ln;
+        double grad_var_in = gv_ln + mix.u[0] * g.grad_var;
+        if (pooled_grad) {
+          const double gv_bn = gv_col[j] * mix.u[2] / n;
+          grad_mean_in += -gm_col[j] * mix.w[2] / n +
+                          2.0 * (mean_r - mix.bn_mean[j]) * gv_bn;
+          grad_var_in += gv_bn;
+        }
+        row_grad_input(pdy + r * length, px + r * length, pdx + r * length,
+                       length, mix.mean_in[r],
+                       static_cast<scalar_t>(g.scale),
+                       static_cast<scalar_t>(grad_var_in * dvar_dx),
+                       static_cast<scalar_t>(grad_mean_in / length));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace mmsn

@@ -1,0 +1,223 @@
+// The four passes of SN over the big tensor, viewed as contiguous rows
+// (N * C rows of L positions), and the SIMD loops they are made of:
+//
+//   forward:  instance_moments  (mean, var per row)
+//             rows_affine       y  = (x - mean) * scale + shift
+//   backward: rows_grad_sums    sum(dy), sum(dy * (x - mean)) per row
+//             rows_grad_input   dx = a * dy + b * (x - mean) + k
+//
+// Each pass reads the big tensors once; sums accumulate in double and the
+// affine maps are applied to x - mean, so inputs with a large mean lose
+// nothing.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+// Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time, so
+// that the built library runs on any x86-64 machine at its best width.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MMSN_MULTIVERSION \
+  __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MMSN_MULTIVERSION
+#endif
+
+namespace mmsn {
+namespace {
+// Rows per task so that a task covers at least as many elements as ATen's
+// own grain size (at::internal::GRAIN_SIZE): smaller work runs on one thread.
+constexpr int64_t kGrainSize = 32768;
+
+int64_t row_grain(int64_t length) {
+  return std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, length));
+}
+
+#define MMSN_ROW_KERNELS(T)                                                   \
+  MMSN_MULTIVERSION void row_moments(const T* x, int64_t n, double* mean,     \
+                                     double* m2) {                            \
+    /* One pass around a pivot taken from the row: the cancellation in   */ \
+    /* m2 = sum(d^2) - sum(d)^2 / n is at most a factor n, since          */ \
+    /* (x[0] - mean)^2 <= m2, which double precision absorbs.             */ \
+    const T pivot = x[0];                                                     \
+    double s = 0, q = 0;                                                      \
+    _Pragma("omp simd reduction(+ : s, q)") for (int64_t i = 0; i < n; ++i) { \
+      const double d = static_cast<double>(x[i] - pivot);                     \
+      s += d;                                                                 \
+      q += d * d;                                                             \
+    }                                                                         \
+    *mean = pivot + s / n;                                                    \
+    *m2 = std::max(q - s * s / n, 0.0);                                       \
+  }                                                                           \
+  MMSN_MULTIVERSION void row_affine(const T* x, T* y, int64_t n, T mean,      \
+                                    T scale, T shift) {                       \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                     \
+      y[i] = (x[i] - mean) * scale + shift;                                   \
+    }                                                                         \
+  }                                                                           \
+  MMSN_MULTIVERSION void row_grad_sums(const T* dy, const T* x, int64_t n,    \
+                                       T mean, double* dot, double* sum) {    \
+    double s = 0, p = 0;                                                      \
+    _Pragma("omp simd reduction(+ : s, p)") for (int64_t i = 0; i < n; ++i) { \
+      s += dy[i];                                                             \
+      p += static_cast<double>(dy[i] * (x[i] - mean));                        \
+    }                                                                         \
+    *dot = p;                                                                 \
+    *sum = s;                                                                 \
+  }                                                                           \
+  MMSN_MULTIVERSION void row_grad_input(const T* dy, const T* x, T* dx,       \
+                                        int64_t n, T mean, T a, T b, T k) {   \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                     \
+      dx[i] = a * dy[i] + b * (x[i] - mean) + k;                              \
+    }                                                                         \
+  }
+
+MMSN_ROW_KERNELS(float)
+MMSN_ROW_KERNELS(double)
+
+// IN mean and variance of rows [b, e).
+template <typename T>
+void moments_of_rows(const T* x, T* mean, T* var, int64_t b, int64_t e,
+                     int64_t length, int64_t correction) {
+  const double dof = static_cast<double>(length - correction);
+  for (int64_t r = b; r < e; ++r) {
+    double m, m2;
+    row_moments(x + r * length, length, &m, &m2);
+    mean[r] = static_cast<T>(m);
+    var[r] = static_cast<T>(m2 / dof);
+  }
+}
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "mmsn::", name, ": expected a CPU tensor");
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "mmsn::", name,
+              ": expected a contiguous (N, C, L) tensor, got sizes ",
+              x.sizes(), " and strides ", x.strides());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "mmsn::", name, ": expected float32 or float64, got ",
+              x.scalar_type());
+}
+
+void check_per_row(const at::Tensor& rows, const at::Tensor& t,
+                   const char* name) {
+  TORCH_CHECK(t.is_contiguous() && t.numel() == rows.size(0) * rows.size(1) &&
+                  t.scalar_type() == rows.scalar_type(),
+              "mmsn::", name, ": per-row operands must be contiguous, of ",
+              rows.scalar_type(), " and have N * C elements");
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+                  b.is_contiguous(),
+              "mmsn::", name, ": grad and input must match in shape and dtype");
+}
+
+std::tuple<at::Tensor, at::Tensor> instance_moments(const at::Tensor& x,
+                                                    int64_t correction) {
+  check_rows(x, "instance_moments");
+  const int64_t rows = x.size(0) * x.size(1), length = x.size(2);
+  TORCH_CHECK(length > correction, "mmsn::instance_moments: ", length,
+              " positions leave no degrees of freedom for correction ",
+              correction);
+  at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options());
+  at::Tensor var = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_instance_moments", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* pm = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* pv = var.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
+      moments_of_rows(px, pm, pv, b, e, length, correction);
+    });
+  });
+  return {mean, var};
+}
+
+at::Tensor rows_affine(const at::Tensor& x, const at::Tensor& mean,
+                       const at::Tensor& scale, const at::Tensor& shift) {
+  check_rows(x, "rows_affine");
+  for (const auto* t : {&mean, &scale, &shift}) {
+    check_per_row(x, *t, "rows_affine");
+  }
+  const int64_t rows = x.size(0) * x.size(1), length = x.size(2);
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_rows_affine", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pm = mean.const_data_ptr<scalar_t>();
+    const scalar_t* ps = scale.const_data_ptr<scalar_t>();
+    const scalar_t* pb = shift.const_data_ptr<scalar_t>();
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        row_affine(px + r * length, py + r * length, length, pm[r], ps[r],
+                   pb[r]);
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> rows_grad_sums(const at::Tensor& dy,
+                                                  const at::Tensor& x,
+                                                  const at::Tensor& mean) {
+  check_rows(x, "rows_grad_sums");
+  check_same(x, dy, "rows_grad_sums");
+  check_per_row(x, mean, "rows_grad_sums");
+  const int64_t rows = x.size(0) * x.size(1), length = x.size(2);
+  at::Tensor dot = at::empty({x.size(0), x.size(1)}, x.options());
+  at::Tensor sum = at::empty_like(dot);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_rows_grad_sums", [&] {
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pm = mean.const_data_ptr<scalar_t>();
+    scalar_t* pdot = dot.mutable_data_ptr<scalar_t>();
+    scalar_t* psum = sum.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        double d, s;
+        row_grad_sums(pdy + r * length, px + r * length, length, pm[r], &d,
+                      &s);
+        pdot[r] = static_cast<scalar_t>(d);
+        psum[r] = static_cast<scalar_t>(s);
+      }
+    });
+  });
+  return {dot, sum};
+}
+
+at::Tensor rows_grad_input(const at::Tensor& dy, const at::Tensor& x,
+                           const at::Tensor& mean, const at::Tensor& a,
+                           const at::Tensor& b, const at::Tensor& k) {
+  check_rows(x, "rows_grad_input");
+  check_same(x, dy, "rows_grad_input");
+  for (const auto* t : {&mean, &a, &b, &k}) {
+    check_per_row(x, *t, "rows_grad_input");
+  }
+  const int64_t rows = x.size(0) * x.size(1), length = x.size(2);
+  at::Tensor dx = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmsn_rows_grad_input", [&] {
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pm = mean.const_data_ptr<scalar_t>();
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    const scalar_t* pk = k.const_data_ptr<scalar_t>();
+    scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(length), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        row_grad_input(pdy + r * length, px + r * length, pdx + r * length,
+                       length, pm[r], pa[r], pb[r], pk[r]);
+      }
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace mmsn
