@@ -407,6 +407,12 @@ def test_sn_model_needs_the_tolerance_and_prints_the_price(tmp_path, capsys):
                    [1].split(')')[0])
     assert 0 < change < 0.5  # a real, printed price
     assert (out / 'resnet_sn_digits_collapsed.pth').exists()
+    # the price on the first test batch, through the data preprocessor
+    assert load_tool(TOOL).main([SN_DEMO, ckpt, str(out), '--sn-tolerance',
+                                 '0.01', '--batch', 'dataset',
+                                 '--batch-size', '3']) == 0
+    printed = capsys.readouterr().out
+    assert 'on a dataset batch of shape (3, 1, 8, 8): ' in printed, printed
 
 
 def _refusal(args, capsys):
