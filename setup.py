@@ -12,7 +12,6 @@
 #   symlinked to the checkout for editable installs), so that
 #   `mim train/test/run/search mmsn ...` work from a wheel.
 import importlib.util
-import json
 import os
 import os.path as osp
 import shutil
@@ -80,7 +79,8 @@ def extension_options():
 
     class BuildExtRecordingTorch(BuildExtension.with_options(use_ninja=True)):
         """Builds mmsn._C and writes beside it the torch (and sources) it
-        was built for; mmsn loads it only into that torch. A failed build
+        was built for and its size and SHA-256; mmsn loads it only into
+        that torch, and only if it is unchanged. A failed build
         does not fail the install: mmsn retries on first use."""
 
         def run(self):
@@ -91,10 +91,9 @@ def extension_options():
                       f'try to compile its CPU kernels on first use')
                 return
             for extension in self.extensions:
-                library = self.get_ext_fullpath(extension.name)
-                with open(osp.join(osp.dirname(library), ext.BUILD_INFO),
-                          'w') as f:
-                    json.dump(ext.build_info(), f)
+                # with the library's size and SHA-256: a damaged copy is
+                # not loaded
+                ext.record_prebuilt(self.get_ext_fullpath(extension.name))
 
     return dict(
         ext_modules=[

@@ -92,6 +92,11 @@ class CollapsedNorm(nn.Module):
         self._sources = tuple(codes)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            # integer input would be normalized in integer arithmetic (and
+            # complex lose its imaginary part); nn.BatchNorm2d refuses both
+            raise TypeError(f'{type(self).__name__} expects a floating-point '
+                            f'input, got {x.dtype}')
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(
                 f'CollapsedNorm expects (N, {self.num_features}, ...) input, '

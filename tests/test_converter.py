@@ -14,6 +14,7 @@ import os.path as osp
 import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -54,6 +55,12 @@ CASES = [
 ]
 
 
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, '-c', 'pass'])
+    proc.wait()
+    return proc.pid
+
+
 def _architecture(name):
     version, depth = re.fullmatch(r'resnetv(\d)sn(\d+)', name).groups()
     return int(version), int(depth)
@@ -76,7 +83,13 @@ def converted(tmp_path_factory):
             src = str(folder / f'{name}.pth.tar')
             dst = str(folder / f'{name}_mmpretrain.pth')
             save_authors_checkpoint(ref, src, name)
+            # what a conversion killed while writing leaves: removed
+            stale = f'{dst}.{_dead_pid()}.partial'
+            with open(stale, 'wb') as f:
+                f.write(b'PK\x03\x04 the first bytes')
             assert tool.main([src, dst]) == 0
+            assert sorted(p.name for p in folder.iterdir()) == sorted(
+                [osp.basename(src), osp.basename(dst)])
             cache[(name, using_bn)] = (ref, src, dst)
         return cache[(name, using_bn)]
 
@@ -327,6 +340,27 @@ BAD_CHECKPOINTS = [
     ('no state_dict', ('resnetv1sn50', True), _set_top('state_dict', None),
      '{src} has no "state_dict" dict (top-level keys: [\'best_prec1\', '
      '\'epoch\', \'model\', \'optimizer\'])'),
+    # as many elements as the target, another layout: refused, not reshaped
+    ('SN gamma with C on another axis', ('resnetv1sn50', True),
+     _set('module.sn1.weight', torch.ones(64, 1, 1, 1)),
+     'shape mismatches: module.sn1.weight has shape (64, 1, 1, 1) but '
+     'backbone.sn1.weight needs (64,)'),
+    ('running mean in two columns', ('resnetv1sn50', True),
+     _set('module.layer1.0.sn1.running_mean', torch.zeros(1, 32, 2)),
+     'shape mismatches: module.layer1.0.sn1.running_mean has shape '
+     '(1, 32, 2) but backbone.layer1.0.sn1.running_mean needs (64,)'),
+    ('fc bias as a column', ('resnetv1sn50', True),
+     _set('module.fc.bias', torch.zeros(1000, 1)),
+     'shape mismatches: module.fc.bias has shape (1000, 1) but head.fc.bias '
+     'needs (1000,)'),
+    ('fc weight transposed', ('resnetv1sn50', True),
+     _set('module.fc.weight', torch.zeros(2048, 1000)),
+     'shape mismatches: module.fc.weight has shape (2048, 1000) but '
+     'head.fc.weight needs (1000, 2048)'),
+    ('importance logits as a column', ('resnetv1sn50', True),
+     _set('module.sn1.mean_weight', torch.ones(3, 1)),
+     'SN importance logits must all have shape (3,) (with BN branch) or all '
+     '(2,) (without); found shapes [(3,), (3, 1)]'),
     ('v2 shortcut as Sequential', ('resnetv2sn50', True),
      _v2_shortcut_in_a_sequential,
      'unknown keys (no place in the target model): ' + ', '.join(
@@ -372,13 +406,39 @@ def test_wrong_architecture_is_refused(converted, tmp_path, capsys):
     assert got == WRONG_ARCHITECTURE
 
 
+def _random_bytes(path):
+    with open(path, 'wb') as f:
+        f.write(np.random.default_rng(0).bytes(4096))
+
+
+def _cut_short(path):
+    torch.save({'model': 'resnetv1sn50', 'state_dict': {
+        'module.conv1.weight': torch.ones(64, 3, 7, 7)}}, path)
+    with open(path, 'r+b') as f:
+        f.truncate(10000)
+
+
+# Neither torch's advice to load with weights_only=False nor to allowlist
+# the refused global: for a file of unknown origin both would run its code.
+UNREADABLE = ('Cannot read {src} as a PyTorch checkpoint of tensors and plain '
+              'values ({reason}); the authors\' checkpoints hold nothing '
+              'else')
+
 # (id, what the source file holds, exact message or a pattern)
 BAD_FILES = [
     ('not a dict', _replace_file([1, 2]),
      '{src} holds a list, expected a dict with "state_dict" and "model"'),
     ('pickled object', _replace_file({'state_dict': _Pickled()}),
-     re.compile(r'Cannot read \S+ as a PyTorch checkpoint of tensors and '
-                r'plain values: Weights only load failed')),
+     re.compile(re.escape(UNREADABLE).replace(r'\{src\}', r'\S+').replace(
+         r'\{reason\}', r'Unsupported global: GLOBAL \S+\._Pickled was not '
+         r'an allowed global by default'))),
+    ('random bytes', _random_bytes,
+     re.compile(re.escape(UNREADABLE).replace(r'\{src\}', r'\S+').replace(
+         r'\{reason\}', r'Unsupported operand \d+'))),
+    ('cut short', _cut_short,
+     '{src} is damaged: it begins as a zip archive (the format of torch.save) '
+     'but has no readable zip directory at its end, as when a download or '
+     'copy is cut short; get the file again'),
     ('not a file', None, "[Errno 2] No such file or directory: '{src}'"),
 ]
 
@@ -388,7 +448,7 @@ def _run_tool(src, dst, capsys, extra_args=()):
     err = capsys.readouterr().err
     assert code == 1
     assert not dst.exists(), 'nothing may be written on error'
-    assert not list(dst.parent.glob('*.tmp'))
+    assert not list(dst.parent.glob('*.partial'))
     prefix, suffix = 'error: ', f'\nNothing was written to {dst}.\n'
     assert err.startswith(prefix) and err.endswith(suffix), err
     return err[len(prefix):-len(suffix)]
@@ -424,7 +484,33 @@ def test_bad_file_is_refused_with_its_message(tmp_path, capsys, write,
     if isinstance(message, str):
         assert got == message.format(src=src)
     else:
-        assert message.match(got), got
+        assert message.fullmatch(got), got
+    assert 'weights_only' not in got and 'allowlist' not in got
+
+
+def test_damaged_archive_is_refused_naming_the_record(converted, tmp_path,
+                                                      capsys):
+    """4 KiB of one tensor's bytes changed in an authors' checkpoint (a bad
+    download): torch.load reads it without a word, the zip record's CRC-32
+    gives it away."""
+    _, src, _ = converted('resnetv1sn50', True)
+    tensor = torch.load(src, map_location='cpu', weights_only=True)[
+        'state_dict']['module.layer1.0.conv2.weight']
+    raw = tensor.numpy().tobytes()
+    with zipfile.ZipFile(src) as archive:
+        record, = [info.filename for info in archive.infolist()
+                   if archive.read(info) == raw]
+    data = bytearray(open(src, 'rb').read())
+    start = bytes(data).index(raw) + 1000
+    data[start:start + 4096] = bytes(b ^ 0x5A for b in data[start:start + 4096])
+    bad = tmp_path / 'damaged.pth.tar'
+    bad.write_bytes(bytes(data))
+    # torch.load itself does not notice
+    torch.load(bad, map_location='cpu', weights_only=True)
+    assert _run_tool(str(bad), tmp_path / 'out.pth', capsys) == (
+        f'{bad} is damaged: its record {record!r} does not match what was '
+        f'saved (Bad CRC-32 for file {record!r}). A download or copy that '
+        f'went wrong, or a failing disk, changes bytes; get the file again')
 
 
 def test_failed_conversion_leaves_an_existing_destination(
@@ -438,7 +524,7 @@ def test_failed_conversion_leaves_an_existing_destination(
     dst.write_bytes(b'previous')
     assert load_tool().main([bad, str(dst)]) == 1
     assert dst.read_bytes() == b'previous'
-    assert not list(tmp_path.glob('*.tmp'))
+    assert not list(tmp_path.glob('*.partial'))
 
 
 def test_cli_reports_error(tmp_path):

@@ -23,7 +23,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from mmsn.utils.io import save_atomically
+from mmsn.utils.io import (DamagedFileError, check_zip_records,
+                           load_error_reason, save_atomically)
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,13 @@ def _listing(items: List[str], sep: str = ', ') -> str:
     return shown
 
 
+def _sn_layouts(channels: int) -> Tuple[Tuple[int, ...], ...]:
+    """The authors' shapes of SN's per-channel tensors: gamma and beta
+    (1, C, 1, 1), running statistics (1, C, 1). Nothing else is reshaped,
+    even with as many elements."""
+    return (1, channels, 1, 1), (1, channels, 1)
+
+
 def convert_state_dict(
         state_dict: Mapping[str, torch.Tensor],
         expected: Mapping[str, torch.Tensor],
@@ -221,8 +229,8 @@ def convert_state_dict(
         if not isinstance(value, torch.Tensor):
             not_tensors.append(f'{source_key} ({type(value).__name__})')
             continue
-        if value.shape != target.shape and target.dim() == 1 and \
-                [s for s in value.shape if s != 1] == list(target.shape):
+        if target.dim() == 1 and tuple(value.shape) in _sn_layouts(
+                target.numel()):
             value = value.reshape(target.shape)  # (1, C, 1, 1) -> (C,)
         if value.shape != target.shape:
             mismatched.append(f'{source_key} has shape {tuple(value.shape)} '
@@ -260,6 +268,10 @@ def _build_expected(model_cfg: dict) -> Dict[str, torch.Tensor]:
 def _load_source(src: str) -> dict:
     from mmsn.utils.checkpoint import numpy_safe_globals
     try:
+        check_zip_records(src)
+    except DamagedFileError as err:
+        raise ConversionError(str(err)) from None
+    try:
         # Only tensors, plain values and numpy scalars (best_prec1).
         with torch.serialization.safe_globals(numpy_safe_globals()):
             checkpoint = torch.load(
@@ -269,7 +281,8 @@ def _load_source(src: str) -> dict:
     except Exception as err:  # unpickling errors of all kinds
         raise ConversionError(
             f'Cannot read {src} as a PyTorch checkpoint of tensors and plain '
-            f'values: {err}') from err
+            f'values ({load_error_reason(err)}); the authors\' checkpoints '
+            f'hold nothing else') from err
     if not isinstance(checkpoint, dict):
         raise ConversionError(
             f'{src} holds a {type(checkpoint).__name__}, expected a dict '

@@ -5,10 +5,14 @@ is collapsed (:func:`collapse_model`); the collapsed model's config
 (:func:`collapsed_config`) is built, given the collapsed state, and checked
 against the source model on a batch before anything is written.
 """
+import contextlib
 import copy
+import functools
 import os
 import os.path as osp
-from typing import List, Optional, Sequence
+import pickle
+import tempfile
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from mmengine.config import Config
@@ -16,11 +20,14 @@ from mmengine.registry import DefaultScope
 from mmengine.runner import load_checkpoint
 from torch import nn
 
-from mmsn.utils.io import save_atomically
+from mmsn.utils.io import (DamagedFileError, atomic_output,
+                           check_zip_records, load_error_reason)
 from mmsn_runtime import CollapsedNorm
 from .collapse import CollapseError, collapse_model
 from .config import collapsed_config
 
+# How mmengine's strict load_state_dict begins its error.
+_STRICT_MISMATCH = 'The model and loaded state dict do not match exactly'
 # float32 logits of a collapsed SSN model match the SSN model to this
 # relative precision (the statistics are summed in another order).
 SSN_REL_TOLERANCE = 1e-4
@@ -100,6 +107,88 @@ def _renamed_state(src: nn.Module, mapping: dict) -> dict:
     return state
 
 
+def _missing_folders(path: str) -> List[str]:
+    """The folders ``os.makedirs(path)`` would create, outermost first;
+    CollapseError if something on the way is not a folder."""
+    missing = []
+    path = osp.abspath(path)
+    while not osp.exists(path):
+        missing.append(path)
+        path = osp.dirname(path)
+    if not osp.isdir(path):
+        raise CollapseError(
+            f'Cannot write into {missing[-1] if missing else path}: {path} '
+            f'is a file, not a folder')
+    return missing[::-1]
+
+
+def _check_writable(out_dir: str) -> None:
+    """Refuse an output folder that cannot be written, before the work:
+    a file on the way, or no permission (an anonymous temporary file, which
+    leaves nothing behind, in its nearest existing folder)."""
+    missing = _missing_folders(out_dir)
+    existing = osp.dirname(missing[0]) if missing else osp.abspath(out_dir)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise CollapseError(
+            f'Cannot write into {existing}: {err.strerror}') from None
+
+
+def _write(outputs: Dict[str, Callable[[str], None]], out_dir: str) -> None:
+    """Write every ``path: write(tmp)`` of ``outputs`` into ``out_dir``,
+    all or (as far as the file system allows) none: each to its partial
+    file (:func:`atomic_output`), moved into place once all are complete;
+    the folders created for them are removed again on failure."""
+    created = _missing_folders(out_dir)
+    destination = {}    # partial file -> the output it becomes
+    try:
+        with contextlib.ExitStack() as stack:
+            for path in outputs:
+                destination[stack.enter_context(atomic_output(path))] = path
+            for tmp, path in destination.items():
+                outputs[path](tmp)
+    except (OSError, RuntimeError) as err:  # torch.save: RuntimeError
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        where = getattr(err, 'filename', None) or out_dir
+        reason = getattr(err, 'strerror', None) or str(err)
+        raise CollapseError(
+            f'Cannot write {destination.get(where, where)}: {reason}'
+        ) from None
+
+
+def _load_source(cfg: Config, config: str, checkpoint: str):
+    """The model of ``cfg`` with ``checkpoint`` loaded (strictly) and its
+    meta; CollapseError when the file is missing, damaged or does not fit.
+    """
+    if osp.isfile(checkpoint):
+        try:
+            check_zip_records(checkpoint)
+        except DamagedFileError as err:
+            raise CollapseError(str(err)) from None
+    source = _build(cfg)
+    try:
+        meta = load_checkpoint(source, checkpoint, map_location='cpu',
+                               strict=True, logger='silent').get('meta', {})
+    except FileNotFoundError:
+        raise CollapseError(f'No checkpoint {checkpoint}') from None
+    except RuntimeError as err:
+        if _STRICT_MISMATCH in str(err):    # mmengine's load_state_dict
+            raise CollapseError(
+                f'{checkpoint} does not fit the model of {config}: {err}'
+            ) from None
+        raise CollapseError(f'Cannot read {checkpoint} as a checkpoint '
+                            f'({load_error_reason(err)})') from None
+    except pickle.UnpicklingError as err:
+        raise CollapseError(
+            f'Cannot read {checkpoint} as a checkpoint of tensors and '
+            f'mmengine\'s own types ({load_error_reason(err)})') from None
+    return source, meta
+
+
 def collapse_checkpoint(config: str,
                         checkpoint: str,
                         out_dir: str,
@@ -116,18 +205,24 @@ def collapse_checkpoint(config: str,
         :func:`collapsed_config`.
 
     Raises:
-        CollapseError: a layer does not collapse, or a collapsed SSN model
-            does not reproduce the outputs (nothing is written then).
+        CollapseError: for every refusal, and then nothing was written: a
+            missing config or checkpoint, a damaged checkpoint (a zip
+            record fails its CRC-32) or one that does not fit the model, a
+            config without SN/SSN, a layer that does not collapse, a
+            collapsed SSN model that does not reproduce the outputs, an
+            output folder that cannot be written.
     """
-    cfg = Config.fromfile(config)
-    source = _build(cfg)
-    meta = load_checkpoint(source, checkpoint, map_location='cpu',
-                           strict=True, logger='silent').get('meta', {})
+    try:
+        cfg = Config.fromfile(config)
+    except FileNotFoundError as err:
+        raise CollapseError(str(err)) from None
+    new_cfg, report = collapsed_config(cfg)     # refuses a config without SN
+    _check_writable(out_dir)
+    source, meta = _load_source(cfg, config, checkpoint)
     source.eval()
     collapsed = copy.deepcopy(source)
     picks = collapse_model(collapsed, sn_tolerance)
 
-    new_cfg, report = collapsed_config(cfg)
     target = _build(new_cfg)
     target.load_state_dict(
         _renamed_state(collapsed, _rename_map(collapsed, target)),
@@ -145,10 +240,8 @@ def collapse_checkpoint(config: str,
     if exact and rel_change > SSN_REL_TOLERANCE:
         raise CollapseError(
             f'The collapsed model changes the outputs by {rel_change:.3g} '
-            f'(relative) though every layer is one-hot; this is a bug, '
-            f'nothing was written')
+            f'(relative) though every layer is one-hot; this is a bug')
 
-    os.makedirs(out_dir, exist_ok=True)
     stem = osp.splitext(osp.basename(config))[0] + '_collapsed'
     cfg_path = osp.join(out_dir, stem + '.py')
     ckpt_path = osp.join(out_dir, stem + '.pth')
@@ -163,9 +256,16 @@ def collapse_checkpoint(config: str,
             rel_change=rel_change))
     if 'dataset_meta' in meta:
         new_meta['dataset_meta'] = meta['dataset_meta']
-    save_atomically(dict(meta=new_meta, state_dict=target.state_dict()),
-                 ckpt_path)
-    new_cfg.dump(cfg_path)
+    state = dict(meta=new_meta, state_dict=target.state_dict())
+    _write({
+        ckpt_path: functools.partial(torch.save, state),
+        cfg_path: functools.partial(_write_text, new_cfg.pretty_text),
+    }, out_dir)
     return dict(picks=picks, config=cfg_path, checkpoint=ckpt_path,
                 max_abs_change=change, rel_change=rel_change,
                 report=report, batch_shape=tuple(inputs.shape))
+
+
+def _write_text(text: str, path: str) -> None:
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(text)

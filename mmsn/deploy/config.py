@@ -2,12 +2,14 @@
 ``norm_cfg`` replaced by ``CollapsedNorm`` and mmsn's other types replaced
 or dropped, so that it loads with ``mmsn_runtime`` instead of ``mmsn``."""
 import copy
+import importlib
 from typing import Dict, List, Tuple
 
 from mmengine.config import Config, ConfigDict
 from mmengine.registry import DefaultScope
 
 from mmsn.models.norms.switchable_norm import _SwitchableNorm
+from .collapse import CollapseError
 
 # mmsn types with a plain equivalent at inference: type -> (new type, keys
 # to drop). Dropout is a no-op in eval mode.
@@ -15,9 +17,17 @@ PLAIN_EQUIVALENTS = {
     'DropoutLinearClsHead': ('LinearClsHead', ('dropout_rate', )),
 }
 RUNTIME_PACKAGE = 'mmsn_runtime'
+# Modules whose import registers the rest of mmsn's types in mmpretrain's
+# registries (``import mmsn`` registers the norms and hooks, and for some
+# of these only builders that import them on first use, others not at
+# all), so that every type a config uses is recognised as mmsn's.
+REGISTERING_MODULES = ('mmsn.models.backbones', 'mmsn.models.heads',
+                       'mmsn.datasets', 'mmsn.engine')
 
 
 def _registries():
+    for module in REGISTERING_MODULES:
+        importlib.import_module(module)
     from mmpretrain import registry
     return dict(
         model=registry.MODELS,
@@ -83,7 +93,12 @@ def collapsed_config(cfg: Config) -> Tuple[Config, Dict[str, List[str]]]:
     Returns:
         tuple: (config, report) where report has ``norms`` (config paths of
         the replaced ``norm_cfg``), ``model_needs_mmsn`` and
-        ``others_need_mmsn`` (descriptions of mmsn types left).
+        ``others_need_mmsn`` (every mmsn type left, once per type with the
+        config paths that use it, e.g. ``'ToGrayscale (transform, at
+        test_pipeline[0], ...)'``).
+
+    Raises:
+        CollapseError: The config has no SN/SSN ``norm_cfg``.
     """
     data = copy.deepcopy(cfg.to_dict())
     scope = data.get('default_scope', 'mmpretrain')
@@ -102,7 +117,9 @@ def collapsed_config(cfg: Config) -> Tuple[Config, Dict[str, List[str]]]:
         if key != 'model':
             _rewrite(value, scope, key, other_types, norms)
     if not norms:
-        raise ValueError('The config has no SN/SSN norm_cfg to collapse')
+        raise CollapseError(
+            f'{cfg.filename or "The config"} has no SN or SSN layer to '
+            f'collapse (no norm_cfg of a Switchable Normalization type)')
 
     imports = list((data.get('custom_imports') or {}).get('imports', []))
     imports = [i for i in imports if i.split('.')[0] != 'mmsn']
@@ -111,7 +128,18 @@ def collapsed_config(cfg: Config) -> Tuple[Config, Dict[str, List[str]]]:
         imports.append('mmsn')  # fallback: the model needs it
     data['custom_imports'] = dict(
         imports=imports, allow_failed_imports=False)
-    describe = [f'{t} ({kind}, at {p})' for p, t, kind in model_types]
-    others = [f'{t} ({kind}, at {p})' for p, t, kind in other_types]
     return Config(ConfigDict(data)), dict(
-        norms=norms, model_needs_mmsn=describe, others_need_mmsn=others)
+        norms=norms, model_needs_mmsn=_by_type(model_types),
+        others_need_mmsn=_by_type(other_types))
+
+
+def _by_type(found: List[Tuple[str, str, str]]) -> List[str]:
+    """``'Type (kind, at path, path)'`` per type, in order of appearance.
+    """
+    paths: Dict[Tuple[str, str], List[str]] = {}
+    for path, type_name, kind in found:
+        paths.setdefault((type_name, kind), []).append(path)
+    return [
+        f'{type_name} ({kind}, at {", ".join(where)})'
+        for (type_name, kind), where in paths.items()
+    ]

@@ -13,6 +13,12 @@ the conv before it with ``mmsn_runtime.expose_batch_norms`` and mmcv's
 ``fuse_conv_bn``). The written config imports ``mmsn_runtime``, not mmsn.
 SN layers collapse only with ``--sn-tolerance T`` (every share within T of
 one-hot). The largest change of the outputs on a batch is printed.
+
+Every refusal (a missing, damaged or unfitting checkpoint, a config without
+SN/SSN, layers that do not collapse, an output folder that cannot be
+written) prints ``error: <reason>`` and ``Nothing was written.`` and exits
+with 1. Files are written as ``<name>.<pid>.partial`` and moved into place
+when complete; those of a killed run are removed by the next one.
 """
 import argparse
 import sys
