@@ -30,8 +30,9 @@ __all__ = [
     'convert_switchable_norm'
 ]
 
-# Imported on first use: they import mmpretrain (seconds).
-_LAZY_SUBMODULES = ('datasets', 'converters')
+# Imported on first use: they import mmpretrain (seconds); zoo is not
+# needed by the layers.
+_LAZY_SUBMODULES = ('datasets', 'converters', 'zoo')
 
 
 def __getattr__(name):
