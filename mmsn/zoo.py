@@ -12,6 +12,11 @@ from typing import List
 
 import yaml
 
+__all__ = [
+    'config_dir', 'config_path', 'model_index_path', 'model_names',
+    'register_models'
+]
+
 _PACKAGE = Path(__file__).resolve().parent
 
 
