@@ -27,15 +27,27 @@ METAFILE = yaml.safe_load((REPO / 'configs' / 'metafile.yml').read_text())
 MODELS = {m['Name']: m for m in METAFILE['Models']}
 
 
+def _installed_configs():
+    """mmsn's configs folder: the checkout's, or mmsn/.mim/configs of an
+    install (when the tests run against one); same files either way."""
+    root = Path(mmsn.zoo.config_dir())
+    assert root in (REPO / 'configs',
+                    Path(mmsn.__file__).parent / '.mim' / 'configs')
+    return root
+
+
 def test_config_path_by_file_name_and_by_path():
-    configs = REPO / 'configs'
-    assert mmsn.zoo.config_dir() == str(configs)
-    assert mmsn.zoo.config_path('resnet50_sn_8xb32.py') == str(
-        configs / 'resnet50_sn_8xb32.py')
-    assert mmsn.zoo.config_path('resnet50_sn_8xb1_batch-study') == str(
-        configs / 'batch_study' / 'resnet50_sn_8xb1_batch-study.py')
-    assert mmsn.zoo.config_path('_base_/models/resnet50_sn.py') == str(
-        configs / '_base_' / 'models' / 'resnet50_sn.py')
+    configs = _installed_configs()
+    for name, path in [
+        ('resnet50_sn_8xb32.py', 'resnet50_sn_8xb32.py'),
+        ('resnet50_sn_8xb1_batch-study',
+         'batch_study/resnet50_sn_8xb1_batch-study.py'),
+        ('_base_/models/resnet50_sn.py', '_base_/models/resnet50_sn.py'),
+    ]:
+        found = mmsn.zoo.config_path(name)
+        assert found == str(configs / path)
+        assert Path(found).read_text() == (REPO / 'configs' /
+                                           path).read_text()
     with pytest.raises(
             FileNotFoundError,
             match=r"mmsn has no config 'resnet50_sn_8xb3' in .*configs; did "
@@ -63,7 +75,8 @@ def test_register_models_makes_mmpretrain_find_every_zoo_model():
     assert 'resnet50_8xb32_in1k' in listed  # mmpretrain's own are kept
     for name, meta in MODELS.items():
         info = ModelHub.get(name)
-        assert Path(info.config.filename) == REPO / meta['Config']
+        assert Path(info.config.filename) == _installed_configs().parent / \
+            meta['Config']
         # no weights to fetch: get_model needs the converted file
         assert info.weights is None
 
