@@ -362,3 +362,32 @@ def test_timm_resnet_converts_and_batchnorm_act_is_refused():
     from timm.layers import BatchNormAct2d
     with pytest.raises(ValueError, match='BatchNormAct2d.*own forward'):
         convert_switchable_norm(nn.Sequential(BatchNormAct2d(4)))
+
+
+def test_ssn_training_loop_of_the_readme_picks_one_norm_per_layer():
+    """The README's loop outside mmengine (radius = step / total before each
+    step, restore_frozen_ after each optimizer step) ends with every SSN
+    layer frozen on one norm for its mean and one for its variance."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 3))
+    model = convert_switchable_norm(model, 'SSN').train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    total_steps = 20
+    ssn_layers = [m for m in model.modules() if hasattr(m, 'restore_frozen_')]
+    assert len(ssn_layers) == 2
+    x, y = _input((8, 3, 12, 12)), torch.arange(8) % 3
+    for step in range(total_steps):
+        for layer in ssn_layers:
+            layer.radius.fill_(step / total_steps)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        for layer in ssn_layers:
+            layer.restore_frozen_()
+    for layer in ssn_layers:
+        assert int(layer.mean_fixed) == 1 and int(layer.var_fixed) == 1
+        for shares in layer.importance():
+            assert sorted(shares.tolist()) == [0.0, 0.0, 1.0]
