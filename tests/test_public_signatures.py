@@ -41,7 +41,12 @@ def _public_api():
         ]
     found = {}
     for module_name in modules:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if (err.name or '').split('.')[0] in ('mmsn', 'mmsn_runtime'):
+                raise
+            continue  # needs an optional dependency (e.g. triton)
         for name in getattr(module, '__all__', ()):
             obj = getattr(module, name)
             is_api = inspect.isfunction(obj) or (
