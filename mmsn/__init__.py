@@ -15,7 +15,8 @@ check_dependencies()    # before anything imports an incompatible package
 from .models import (SparseSwitchableNorm1d,  # noqa: E402
                      SparseSwitchableNorm2d, SparseSwitchableNorm3d,
                      SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
-                     SyncSparseSwitchableNorm, SyncSwitchableNorm)
+                     SyncSparseSwitchableNorm, SyncSwitchableNorm,
+                     convert_switchable_norm)
 from .ops import switchable_norm  # noqa: E402
 from . import engine, registry  # noqa: F401,E402  (hooks, builders)
 from .utils import apply_patches  # noqa: E402
@@ -25,11 +26,13 @@ apply_patches()
 __all__ = [
     '__version__', 'SwitchableNorm1d', 'SwitchableNorm2d', 'SwitchableNorm3d',
     'SyncSwitchableNorm', 'SparseSwitchableNorm1d', 'SparseSwitchableNorm2d',
-    'SparseSwitchableNorm3d', 'SyncSparseSwitchableNorm', 'switchable_norm'
+    'SparseSwitchableNorm3d', 'SyncSparseSwitchableNorm', 'switchable_norm',
+    'convert_switchable_norm'
 ]
 
-# Imported on first use: they import mmpretrain (seconds).
-_LAZY_SUBMODULES = ('datasets', 'converters')
+# Imported on first use: they import mmpretrain (seconds); zoo is not
+# needed by the layers.
+_LAZY_SUBMODULES = ('datasets', 'converters', 'zoo')
 
 
 def __getattr__(name):

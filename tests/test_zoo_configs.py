@@ -69,12 +69,44 @@ PUBLISHED = {
     'resnet50_sn_8xb32_step': (76.92, 93.26),
     'resnet50_sn_8xb4': (75.85, 92.70),
     'resnet50_sn_8xb1': (75.94, 92.70),
-    # SSN: top-1 only is published
-    'resnet50_ssn_8xb32': (77.25, None),
-    'resnet50_ssn_8xb16': (76.98, None),
-    'resnet50_ssn_8xb8': (76.75, None),
-    'resnet50_ssn_8xb4': (76.07, None),
-    'resnet50_ssn_8xb2': (75.85, None),
+    # SSN: the SSN authors' README (its (8,4) top-5 as printed there)
+    'resnet50_ssn_8xb32': (77.25, 93.29),
+    'resnet50_ssn_8xb16': (76.98, 93.29),
+    'resnet50_ssn_8xb8': (76.75, 93.33),
+    'resnet50_ssn_8xb4': (76.07, 96.71),
+    'resnet50_ssn_8xb2': (75.85, 92.73),
+}
+
+SN_CODE = 'https://github.com/switchablenorms/Switchable-Normalization'
+SSN_CODE = 'https://github.com/switchablenorms/Sparse_SwitchNorm'
+# The authors' downloads: (Google Drive file id, Baidu Pan share). SN rows
+# from the reference (shared/reference/switchable-norm.md), SSN rows from
+# the SSN authors' README.
+DOWNLOADS = {
+    'resnet101v2_sn_8xb32': ('1z-F1nc7T-cdEM-HtYDALW0pJGPX0-RkS',
+                             '1rK-ukAjEIPql2ECi38hRbQ'),
+    'resnet101_sn_8xb32': ('1xza5ju6lRRelPym3Sj99VY_8c4jXhxkn',
+                           '1CCM0zZITQOzkXd__pWERZw'),
+    'resnet50v2_sn_8xb32': ('1CjLURwDkynhiXoKjYxUyEIOnWDPVmPnL',
+                            '1XdN4tQcvTTIZjyNrnQpQXw'),
+    'resnet50_sn_8xb32': ('17mHmoVom2zM7nrbFeE4yzKa7KtqykTyD',
+                          '1jx3Bj15hgfEBZYhi5HP0kQ'),
+    'resnet50_sn_8xb32_step': ('1lOTzjgX6B9J9gkm8JdxaWGBKC1T9VLsl',
+                               '1pLdnZYxynpztEnc1eUzVvA'),
+    'resnet50_sn_8xb4': ('1x_ZR0ZFtvRzZHkFZVXeVoLeXoJKX-LrZ',
+                         '1qdzaB9r6DffTm_DXTG7MAw'),
+    'resnet50_sn_8xb1': ('1-y8dDn19Hx02efy4Z5ZRihggYHTYvqkc',
+                         '10JmkrQ2WWEeWzqNfB0Fytg'),
+    'resnet50_ssn_8xb32': ('1b7tezVjfSl1MZNHRC8qkaw59lLW4EYEh',
+                           '1pjhl57-uhcGj1o-S77SGHw'),
+    'resnet50_ssn_8xb16': ('1wJx_6bNrv7N9zdy1m2vkABTwMuowluxV',
+                           '1CPLelAIKkRS65yRWqVc-_Q'),
+    'resnet50_ssn_8xb8': ('18HXLmZVB5JF_TcneEMHXtCo1RQt17fYC',
+                          '1xur_fRDKNIUCLrw8g1N4kg'),
+    'resnet50_ssn_8xb4': ('1Ry4kjLURixg2_pzj6J1lwGg1USnSC0oz',
+                          '1hA55h7IHoPovQmhwtDLR4A'),
+    'resnet50_ssn_8xb2': ('1r485fLeSAwS5zKrxcAtGxa_mPr1lWcoS',
+                          '1lzdmVtVGTjWIymdYve6X_A'),
 }
 
 
@@ -326,3 +358,31 @@ def test_readme_and_metafile_list_the_zoo():
     for path in zoo_configs():
         if path.startswith('configs/batch_study/'):
             assert f'(batch_study/{Path(path).name})' in readme
+
+
+def test_every_zoo_model_links_the_authors_download():
+    """Metafile (mmpretrain's `Converted From` fields) and the zoo tables
+    of both READMEs: each model's own Google Drive file (and, in
+    configs/README.md, its Baidu Pan share on the same row). No top-level
+    `Weights`: get_model(pretrained=True) and `mim download` would fetch it
+    as an mmpretrain checkpoint, which the authors' files are not."""
+    meta = yaml.safe_load((CONFIGS / 'metafile.yml').read_text())
+    models = {Path(m['Config']).stem: m for m in meta['Models']}
+    assert sorted(models) == sorted(DOWNLOADS)
+    zoo_rows = {
+        line.split('[config](')[1].split(')')[0][:-3]: line
+        for line in (CONFIGS / 'README.md').read_text().splitlines()
+        if '[config](' in line and not line.startswith('| [')
+    }
+    readme = (REPO / 'README.md').read_text()
+    for name, (drive_id, baidu) in DOWNLOADS.items():
+        model = models[name]
+        assert 'Weights' not in model, name
+        source = model['Converted From']
+        assert drive_id in source['Weights'], name
+        assert source['Weights'].startswith('https://drive.google.com/')
+        assert source['Code'] == (SSN_CODE if '_ssn_' in name else SN_CODE)
+        assert drive_id in zoo_rows[name], name
+        assert f'https://pan.baidu.com/s/{baidu}' in zoo_rows[name], name
+        assert f'`{model["Name"]}`' in readme, name
+        assert drive_id in readme, name

@@ -5,7 +5,7 @@ scikit-learn, so a model can be trained and evaluated with no download. The
 split into train and val is fixed (stratified, seeded) so that results are
 comparable between runs and machines.
 """
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from mmpretrain.datasets import BaseDataset
@@ -46,8 +46,20 @@ class SklearnDigits(BaseDataset):
         val_ratio (float): Share of each class held out for val.
             Defaults to 0.2.
         seed (int): Seed of the fixed split. Defaults to 0.
-        pipeline (list): Transforms applied to each sample.
-        **kwargs: Passed to :class:`mmpretrain.datasets.BaseDataset`.
+        pipeline (Sequence): Transforms applied to each sample.
+            Defaults to ``()``.
+        test_mode (bool, optional): mmengine's test mode. Defaults to None:
+            True for ``'val'`` and ``'all'``, False for ``'train'``.
+        indices (int | Sequence[int], optional): Keep only these samples
+            (an int: the first ones). Defaults to None (all).
+        serialize_data (bool): Store the samples serialized, shared by the
+            dataloader workers. Defaults to True.
+        lazy_init (bool): Load the samples on first access. Defaults to
+            False.
+        max_refetch (int): Attempts to fetch another sample when the
+            pipeline returns None. Defaults to 1000.
+
+    The last five are :class:`mmpretrain.datasets.BaseDataset`'s.
     """
     METAINFO = {'classes': tuple(str(i) for i in range(10))}
 
@@ -55,8 +67,12 @@ class SklearnDigits(BaseDataset):
                  split: str = 'train',
                  val_ratio: float = 0.2,
                  seed: int = 0,
-                 pipeline=(),
-                 **kwargs):
+                 pipeline: Sequence = (),
+                 test_mode: Optional[bool] = None,
+                 indices: Optional[Union[int, Sequence[int]]] = None,
+                 serialize_data: bool = True,
+                 lazy_init: bool = False,
+                 max_refetch: int = 1000):
         if split not in ('train', 'val', 'all'):
             raise ValueError(
                 f"split must be 'train', 'val' or 'all', got {split!r}")
@@ -65,8 +81,14 @@ class SklearnDigits(BaseDataset):
         self.split = split
         self.val_ratio = val_ratio
         self.seed = seed
-        kwargs.setdefault('test_mode', split != 'train')
-        super().__init__(ann_file='', pipeline=pipeline, **kwargs)
+        super().__init__(
+            ann_file='',
+            pipeline=pipeline,
+            test_mode=split != 'train' if test_mode is None else test_mode,
+            indices=indices,
+            serialize_data=serialize_data,
+            lazy_init=lazy_init,
+            max_refetch=max_refetch)
 
     def load_data_list(self) -> List[dict]:
         try:

@@ -1,5 +1,6 @@
 import importlib
 
+from .convert import convert_switchable_norm
 from .norms import (SparseSwitchableNorm1d, SparseSwitchableNorm2d,
                     SparseSwitchableNorm3d, SwitchableNorm1d,
                     SwitchableNorm2d, SwitchableNorm3d,
@@ -8,7 +9,8 @@ from .norms import (SparseSwitchableNorm1d, SparseSwitchableNorm2d,
 __all__ = [
     'SwitchableNorm1d', 'SwitchableNorm2d', 'SwitchableNorm3d',
     'SyncSwitchableNorm', 'SparseSwitchableNorm1d', 'SparseSwitchableNorm2d',
-    'SparseSwitchableNorm3d', 'SyncSparseSwitchableNorm'
+    'SparseSwitchableNorm3d', 'SyncSparseSwitchableNorm',
+    'convert_switchable_norm'
 ]
 
 # ``backbones`` and ``heads`` import mmpretrain (seconds): on first use only

@@ -239,7 +239,11 @@ class PreActResLayer(nn.Sequential):
         stride (int): Stride of the first block. Defaults to 1.
         conv_cfg (dict, optional): Config of the conv layers.
             Defaults to None.
-        **kwargs: Passed to every block.
+        dilation (int): Dilation of every block. Defaults to 1.
+        with_cp (bool): Activation checkpointing in every block.
+            Defaults to False.
+        norm_cfg (dict): Config of the norm layers.
+            Defaults to ``dict(type='BN')``.
     """
 
     def __init__(self,
@@ -250,7 +254,10 @@ class PreActResLayer(nn.Sequential):
                  expansion: int,
                  stride: int = 1,
                  conv_cfg: Optional[dict] = None,
-                 **kwargs):
+                 dilation: int = 1,
+                 with_cp: bool = False,
+                 norm_cfg: dict = dict(type='BN')):
+        kwargs = dict(dilation=dilation, with_cp=with_cp, norm_cfg=norm_cfg)
         downsample = None
         if stride != 1 or in_channels != out_channels:
             # A bare conv: in v2 the shortcut has no norm of its own.
