@@ -20,7 +20,7 @@ import mmsn_runtime
 # The norm layers are being rewritten (mmsn/models/norms/, by the lead);
 # their signatures are fixed there. Remove an entry once its check passes
 # (strict: an unexpected pass fails, so the list cannot go stale).
-NORM_LAYERS_PENDING = {
+NORM_LAYERS = {
     'mmsn.SwitchableNorm1d', 'mmsn.SwitchableNorm2d', 'mmsn.SwitchableNorm3d',
     'mmsn.SyncSwitchableNorm', 'mmsn.SparseSwitchableNorm1d',
     'mmsn.SparseSwitchableNorm2d', 'mmsn.SparseSwitchableNorm3d',
@@ -64,13 +64,7 @@ PUBLIC_API = _public_api()
 
 def _cases():
     for qualname, obj in PUBLIC_API:
-        marks = ()
-        if qualname in NORM_LAYERS_PENDING:
-            marks = pytest.mark.xfail(
-                strict=True,
-                reason=f'{qualname}: signature fixed by the rewrite of '
-                'mmsn/models/norms/ (momentum sentinel / *args, **kwargs)')
-        yield pytest.param(obj, id=qualname, marks=marks)
+        yield pytest.param(obj, id=qualname)
 
 
 def test_the_walk_finds_the_api():
@@ -79,7 +73,7 @@ def test_the_walk_finds_the_api():
             'mmsn.datasets.SklearnDigits', 'mmsn.zoo.register_models',
             'mmsn.models.backbones.PreActResNet',
             'mmsn_runtime.ResNetStemPool'} <= names
-    assert NORM_LAYERS_PENDING <= names
+    assert NORM_LAYERS <= names
 
 
 @pytest.mark.parametrize('obj', list(_cases()))
@@ -142,3 +136,28 @@ def test_sklearn_digits_passes_its_base_arguments():
     assert len(data) == 5 and not data.serialize_data
     assert not data.test_mode and SklearnDigits('val').test_mode
     assert SklearnDigits('val', test_mode=False).test_mode is False
+
+
+@pytest.mark.parametrize('name,momentum,extra', [
+    ('SwitchableNorm1d', 0.003, ()), ('SwitchableNorm2d', 0.1, ()),
+    ('SwitchableNorm3d', 0.003, ()),
+    ('SyncSwitchableNorm', 0.1, ('process_group', )),
+    ('SparseSwitchableNorm1d', 0.003, ()),
+    ('SparseSwitchableNorm2d', 0.003, ()),
+    ('SparseSwitchableNorm3d', 0.003, ()),
+    ('SyncSparseSwitchableNorm', 0.003, ('process_group', )),
+])
+def test_norm_layers_show_their_own_defaults(name, momentum, extra):
+    """help() shows each layer's own default momentum (the arity decides it)
+    and the arguments it really takes, and the instance has them."""
+    cls = getattr(mmsn, name)
+    params = inspect.signature(cls).parameters
+    assert params['momentum'].default == momentum
+    assert list(params)[:9] == [
+        'num_features', 'eps', 'momentum', 'affine', 'using_bn',
+        'moving_average', 'unbiased', 'last_gamma', 'requires_grad']
+    assert [p for p in params if p not in (
+        'num_features', 'eps', 'momentum', 'affine', 'using_bn',
+        'moving_average', 'unbiased', 'last_gamma', 'requires_grad',
+        'device', 'dtype')] == list(extra)
+    assert cls(4).momentum == momentum

@@ -97,8 +97,8 @@ def _public_signature(cls) -> inspect.Signature:
     names = {p.name for p in params}
     for klass in cls.__mro__:
         init = vars(klass).get('__init__')
-        if init is None:
-            continue
+        if init is None or not issubclass(klass, _SwitchableNorm):
+            continue  # torch's own keywords are not SN's to take
         for p in inspect.signature(init).parameters.values():
             if p.kind == p.KEYWORD_ONLY and p.name not in names:
                 params.append(p)
