@@ -96,7 +96,7 @@ class NonFiniteReport:
         if blocking:
             self._event = None
             return counter.tolist()
-        if device != 'cuda':
+        if device != 'cuda' or torch.cuda.is_current_stream_capturing():
             return None  # read at the next train()/eval()
         counts = None
         if self._event is not None:
