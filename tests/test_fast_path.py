@@ -12,6 +12,7 @@ from torch import nn
 from mmsn import SwitchableNorm2d, SwitchableNorm3d
 from mmsn import ops as sn_ops
 from mmsn.ops import backends
+from mmsn.ops.statistics import serial_small_ops
 from sn_paths import (FAST_PATHS, PARAMS, PATHS, TOL, assert_all_close,
                       make_input, make_layer, path_of,  # noqa: F401 (fixture)
                       reference_run, run, uses_fast_path)
@@ -246,23 +247,64 @@ def test_torch_compile_matches_eager(training):
         torch.testing.assert_close(b2, b, msg=lambda m: f'{name}: {m}')
 
 
-@pytest.mark.parametrize('path', FAST_PATHS)
-def test_many_rows_run_small_ops_serially_and_restore_threads(path, path_of):
-    """N*C >= 32768: the per-(n, c) algebra runs on one thread; the thread
-    count is restored and the results still match."""
+@pytest.mark.parametrize('numel,inside', [(32768, 1), (32767, 2)])
+def test_small_ops_run_on_one_thread_from_the_grain_size(numel, inside):
+    """At ATen's grain size (32768 elements) and above the block runs on one
+    thread; below it, as it is; afterwards the thread count is restored."""
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with serial_small_ops(numel, torch.device('cpu')):
+            assert torch.get_num_threads() == inside
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_small_ops_restore_the_threads_when_the_block_raises():
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ZeroDivisionError):
+            with serial_small_ops(1 << 20, torch.device('cpu')):
+                assert torch.get_num_threads() == 1
+                1 / 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize('path', ['native', 'generic'])
+def test_many_rows_run_small_ops_serially_and_restore_threads(
+        path, path_of, monkeypatch):
+    """The Python paths' per-(n, c) algebra (N*C >= 32768) runs on one
+    thread and the thread count comes back; the results still match. (The
+    compiled kernels do that algebra in C++, without ATen ops.)"""
     path_of(path)
-    threads = torch.get_num_threads()
+    counts = []
+    set_threads = torch.set_num_threads
+
+    def recording(n):
+        counts.append(n)
+        set_threads(n)
+
+    saved = torch.get_num_threads()
     shape = (16, 2048, 2, 2)
     layer = SwitchableNorm2d(2048)
     x = make_input(shape)
     grad_out = torch.randn(shape)
     want = reference_run(layer, x, grad_out, steps=1)
     try:
-        torch.set_num_threads(2)
+        set_threads(2)
+        monkeypatch.setattr(torch, 'set_num_threads', recording)
         got = run(layer, x, grad_out, path, steps=1)
         assert torch.get_num_threads() == 2
     finally:
-        torch.set_num_threads(threads)
+        monkeypatch.undo()
+        set_threads(saved)
+    # forward and backward each drop to one thread and come back to two
+    assert counts.count(1) >= 2 and counts[-1] == 2, counts
+    assert counts == [1, 2] * (len(counts) // 2), counts
     assert_all_close(got, want, 1e-5)
 
 

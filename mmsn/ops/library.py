@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import backends, layer_kernels
-from .sparsestmax import sparsestmax_jacobian
+from .sparsestmax import one_hot_argmax, sparsestmax_jacobian
 from .statistics import stats_dtype
 
 _LIB: Optional[torch.library.Library] = None
@@ -114,8 +114,7 @@ def _shares_kernel(mean_weight, var_weight, radius, mean_fixed, var_fixed):
     logits = torch.stack([mean_weight, var_weight]).detach()
     fixed = torch.stack([mean_fixed, var_fixed]).bool()
     shares, jacobian = sparsestmax_jacobian(logits, radius.to(logits.dtype))
-    stored = torch.nn.functional.one_hot(logits.argmax(-1),
-                                         logits.shape[-1]).to(logits.dtype)
+    stored = one_hot_argmax(logits)
     shares = torch.where(fixed, stored, shares)
     jacobian = torch.where(fixed.unsqueeze(-1), 0., jacobian)
     return shares[0].clone(), shares[1].clone(), jacobian
@@ -135,8 +134,8 @@ def _freeze_kernel(mean_weight, var_weight, mean_fixed, var_fixed, mean_grad,
                                      (var_weight, var_fixed, var_grad,
                                       var_share)):
         fixed = flag.bool() | ((share > 0).sum() == 1)
-        one_hot = torch.nn.functional.one_hot(share.argmax(), share.numel())
-        param.copy_(torch.where(fixed, one_hot.to(param.dtype), param))
+        param.copy_(torch.where(fixed, one_hot_argmax(share).to(param.dtype),
+                                param))
         flag.copy_(fixed)
         if grad is not None:
             grad.masked_fill_(fixed, 0)

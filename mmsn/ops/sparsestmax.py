@@ -138,10 +138,21 @@ def _sparsestmax(v: Tensor, radius, with_jacobian: bool):
     return point.clamp(0, 1), jac
 
 
+def one_hot_argmax(v: Tensor) -> Tensor:
+    """The one-hot vector of each row's largest entry (the first of equal
+    ones), in ``v``'s dtype; unlike ``F.one_hot`` it does not check the
+    indices on the host."""
+    ranks = torch.arange(v.shape[-1], device=v.device)
+    return (ranks == v.argmax(-1, keepdim=True)).to(v.dtype)
+
+
 def is_one_hot(shares: Tensor) -> Tensor:
     """Boolean (..., 1): whether each row of ``shares`` has one nonzero entry.
     """
     return (shares > 0).sum(-1, keepdim=True) == 1
 
 
-__all__ = ['sparsemax', 'sparsestmax', 'sparsestmax_jacobian', 'is_one_hot']
+__all__ = [
+    'sparsemax', 'sparsestmax', 'sparsestmax_jacobian', 'one_hot_argmax',
+    'is_one_hot'
+]

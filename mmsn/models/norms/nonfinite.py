@@ -49,8 +49,8 @@ def nonfinite_message(layer_name: str, slot: int, count: int,
     if slot == NONFINITE_EVAL:
         return (f'{layer_name}: non-finite statistics in eval mode (NaN or '
                 f'Inf in the input, or |x| beyond ~{limit} in {stats})'
-                f'{_count(count, "eval forwards")}, so the output is not '
-                f'finite.')
+                f'{_count(count, "eval forwards")}, so the output does not '
+                f'normalize the input.')
     if slot == NONFINITE_POOLED:
         return (f'{layer_name}: non-finite batch statistics pooled across '
                 f'processes (this process\'s input is finite or empty: NaN '

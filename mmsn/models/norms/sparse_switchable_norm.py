@@ -17,11 +17,10 @@ can move it. All of it is tensor ops: no value is read back to the host.
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import Tensor
 
-from mmsn.ops.sparsestmax import is_one_hot, sparsestmax
+from mmsn.ops.sparsestmax import is_one_hot, one_hot_argmax, sparsestmax
 from .switchable_norm import _SwitchableNorm
 from .sync_switchable_norm import SYNC_VARIANTS, SyncSwitchableNorm
 
@@ -66,8 +65,7 @@ class _SparseSwitchableNorm(_SwitchableNorm):
         current radius; a frozen vector gives its stored one-hot vector
         (without gradient)."""
         logits, fixed = self._logits_and_fixed(dtype)
-        stored = F.one_hot(logits.detach().argmax(-1),
-                           logits.shape[-1]).to(dtype)
+        stored = one_hot_argmax(logits.detach())
         shares = torch.where(fixed, stored,
                              sparsestmax(logits, self.radius.to(dtype)))
         return shares[0], shares[1]
@@ -97,7 +95,7 @@ class _SparseSwitchableNorm(_SwitchableNorm):
         vector into the parameters of every flagged vector."""
         _, fixed = self._logits_and_fixed(shares.dtype)
         fixed = fixed | is_one_hot(shares)
-        target = F.one_hot(shares.argmax(-1), shares.shape[-1])
+        target = one_hot_argmax(shares)
         for i, (param, flag) in enumerate(
                 ((self.mean_weight, self.mean_fixed),
                  (self.var_weight, self.var_fixed))):
@@ -114,7 +112,7 @@ class _SparseSwitchableNorm(_SwitchableNorm):
         vectors (undoes what an optimizer step did to them)."""
         _, fixed = self._logits_and_fixed(self.mean_weight.dtype)
         for i, param in enumerate((self.mean_weight, self.var_weight)):
-            stored = F.one_hot(param.argmax(), param.numel()).to(param.dtype)
+            stored = one_hot_argmax(param)
             param.copy_(torch.where(fixed[i], stored, param))
 
     def extra_repr(self) -> str:

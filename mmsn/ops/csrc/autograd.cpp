@@ -87,7 +87,8 @@ void refuse_double_backward() {
 // What both forwards save, and the backward they share.
 void save_layer(AutogradContext* ctx, const at::Tensor& x,
                 const at::Tensor& mean_in, const at::Tensor& var_in,
-                const OptTensor& weight, const at::Tensor& mean_weight,
+                const OptTensor& weight, const OptTensor& bias,
+                const at::Tensor& mean_weight,
                 const at::Tensor& var_weight, const OptTensor& running_mean,
                 const OptTensor& running_var, bool softmax, bool batch_stats,
                 double eps, bool unbiased) {
@@ -99,6 +100,8 @@ void save_layer(AutogradContext* ctx, const at::Tensor& x,
   ctx->saved_data["batch_stats"] = batch_stats;
   ctx->saved_data["eps"] = eps;
   ctx->saved_data["unbiased"] = unbiased;
+  // gradients only for the parameters that were given (affine=False: none)
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
   ctx->mark_non_differentiable({mean_in, var_in});
   ctx->set_materialize_grads(false);  // no zeros for mean_in, var_in
 }
@@ -125,7 +128,10 @@ variable_list layer_backward(AutogradContext* ctx,
                          ctx->saved_data["batch_stats"].toBool(),
                          ctx->saved_data["eps"].toDouble(),
                          ctx->saved_data["unbiased"].toBool(), need_dx);
-  variable_list out = {need_dx ? dx : at::Tensor(), d_weight, d_bias,
+  variable_list out = {need_dx ? dx : at::Tensor(),
+                       saved[3].defined() ? d_weight : at::Tensor(),
+                       ctx->saved_data["has_bias"].toBool() ? d_bias
+                                                            : at::Tensor(),
                        d_mean_weight, d_var_weight};
   out.resize(5 + rest);
   return out;
@@ -149,9 +155,9 @@ class SwitchableNormTrain
         eps, unbiased, update_stats);
     bump_versions({&running_mean, &running_var, &num_batches_tracked,
                    &nonfinite});
-    save_layer(ctx, x, mean_in, var_in, weight, mean_weight, var_weight,
-               std::nullopt, std::nullopt, softmax, /*batch_stats=*/true, eps,
-               unbiased);
+    save_layer(ctx, x, mean_in, var_in, weight, bias, mean_weight,
+               var_weight, std::nullopt, std::nullopt, softmax,
+               /*batch_stats=*/true, eps, unbiased);
     return {y, mean_in, var_in};
   }
 
@@ -174,9 +180,9 @@ class SwitchableNormEval
         eval_op().call(x, weight, bias, mean_weight, var_weight, running_mean,
                        running_var, nonfinite, softmax, eps, unbiased);
     bump_versions({&nonfinite});
-    save_layer(ctx, x, mean_in, var_in, weight, mean_weight, var_weight,
-               running_mean, running_var, softmax, /*batch_stats=*/false, eps,
-               unbiased);
+    save_layer(ctx, x, mean_in, var_in, weight, bias, mean_weight,
+               var_weight, running_mean, running_var, softmax,
+               /*batch_stats=*/false, eps, unbiased);
     return {y, mean_in, var_in};
   }
 

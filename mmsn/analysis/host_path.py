@@ -1,0 +1,110 @@
+"""What a layer call costs the host: dispatched operators, host syncs and
+time, measured on the CPU (the CUDA path runs the same Python).
+
+* :func:`count_dispatch` counts every operator a call dispatches (a
+  ``TorchDispatchMode`` sees each one) and the host syncs among them:
+  ``aten._local_scalar_dense`` is what ``.item()``, ``bool(t)``,
+  ``float(t)`` and ``if t:`` call, and on a CUDA tensor each one makes the
+  host wait for the GPU.
+* :func:`layer_call` runs a layer as a training step (forward and the
+  backward of ``y.sum()``) or an eval forward, the unit the counts and
+  times are taken of.
+* :func:`graph_breaks` asks ``torch._dynamo.explain``.
+
+Used by ``tools/analysis/benchmark_norm.py`` and the tests.
+"""
+import collections
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HOST_SYNC = 'aten._local_scalar_dense.default'
+
+
+class _Counting(TorchDispatchMode):
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_dispatch(fn: Callable[[], object]) -> collections.Counter:
+    """Operators dispatched by ``fn()``, by name (``HOST_SYNC``: host
+    syncs)."""
+    with _Counting() as mode:
+        fn()
+    return mode.ops
+
+
+def layer_call(layer: nn.Module, x: Tensor, train: bool) -> Callable[[], None]:
+    """One training step of ``layer`` (forward, backward of the output's
+    sum; gradients accumulate) or one eval forward without autograd."""
+    if train:
+        x = x.detach().requires_grad_()
+
+        def step():
+            layer(x).sum().backward()
+    else:
+
+        def step():
+            with torch.no_grad():
+                layer(x)
+
+    return step
+
+
+def layer_costs(layer: nn.Module, x: Tensor,
+                train: bool) -> Tuple[int, int, collections.Counter]:
+    """``(operators, host syncs, counter)`` of one call after a first one
+    (which loads libraries and allocates gradients)."""
+    layer.train(train)
+    call = layer_call(layer, x, train)
+    call()
+    ops = count_dispatch(call)
+    return sum(ops.values()), ops[HOST_SYNC], ops
+
+
+def host_times(calls: Dict[str, Callable[[], None]], reps: int = 21,
+               inner: int = 200) -> Dict[str, float]:
+    """Median microseconds per call of each function, measured in
+    ``reps`` rounds of ``inner`` calls, the functions interleaved in
+    rotating order (a busy machine slows all alike)."""
+    names = list(calls)
+    for name in names:
+        for _ in range(inner):
+            calls[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            fn = calls[name]
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - start) / inner * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def graph_breaks(fn: Callable, *args) -> Tuple[int, List[str]]:
+    """Graph breaks ``torch.compile`` would make in ``fn(*args)``, and their
+    reasons."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(*args)
+    return explained.graph_break_count, [
+        str(b.reason) for b in explained.break_reasons
+    ]
+
+
+__all__ = [
+    'HOST_SYNC', 'count_dispatch', 'layer_call', 'layer_costs', 'host_times',
+    'graph_breaks'
+]
