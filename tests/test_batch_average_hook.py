@@ -186,6 +186,26 @@ def test_loader_with_a_batch_sampler(tmp_path):
     _assert_filled_from(runner.model.sn_batch, fill_inputs)
 
 
+def test_loader_without_a_batch_size_is_refused_with_a_clear_error(
+        tmp_path):
+    loader = DataLoader(Data(), batch_sampler=[[0, 1, 2], [3, 4, 5]])
+    runner = Runner(
+        model=Net(),
+        work_dir=str(tmp_path),
+        train_dataloader=loader,
+        train_cfg=dict(by_epoch=True, max_epochs=1),
+        # it needs a sampler behind the batch sampler
+        default_hooks=dict(sampler_seed=None),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.5)),
+        custom_hooks=[dict(type='SNBatchAverageHook')],
+        default_scope='mmengine')
+    with pytest.raises(ValueError, match=(
+            r'SNBatchAverageHook: cannot tell how many samples a batch of '
+            r'the train loader holds \(batch_size is None and its batch '
+            r'sampler list has no batch_size\)')):
+        runner.train()
+
+
 # -- two processes ----------------------------------------------------------
 DIST_BATCH = 2
 DIST_FILL_SAMPLES = 8  # 2 batches of 2 in each of 2 processes
