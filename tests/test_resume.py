@@ -1,5 +1,6 @@
 """Resuming the digits demo after kill -9 ends with the weights of an
-uninterrupted run (RNGStateHook), and without the hook it does not."""
+uninterrupted run (RNGStateHook); without the hook it does not, and with
+another number of dataloader workers it does not either and says so."""
 import os
 import os.path as osp
 import shutil
@@ -15,7 +16,8 @@ EPOCHS = 3
 KILLED_AFTER = 2  # epochs, right after that epoch's checkpoint
 
 
-def _train(work_dir, kill_after=0, resume=False, rng_hook=True):
+def _train(work_dir, kill_after=0, resume=False, rng_hook=True,
+           num_workers=0):
     """One training of the demo (run in a subprocess by the tests)."""
     from mmengine.config import Config
     from mmengine.hooks import Hook
@@ -36,6 +38,7 @@ def _train(work_dir, kill_after=0, resume=False, rng_hook=True):
     cfg.train_cfg = dict(by_epoch=True, max_epochs=EPOCHS, val_interval=1)
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1)
     cfg.default_hooks.logger.interval = 45
+    cfg.train_dataloader.num_workers = num_workers
     assert dict(type='RNGStateHook') in cfg.custom_hooks
     if not rng_hook:
         cfg.custom_hooks = [
@@ -78,8 +81,10 @@ def test_killed_and_resumed_demo_ends_bit_identical(tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (cut / f'epoch_{KILLED_AFTER}.pth').exists()
     assert not (cut / f'epoch_{KILLED_AFTER + 1}.pth').exists()
-    # the same checkpoint, resumed once without the hook (the control)
+    # the same checkpoint, resumed once without the hook (the control) and
+    # once with two dataloader workers
     shutil.copytree(cut, tmp_path / 'control')
+    shutil.copytree(cut, tmp_path / 'workers')
 
     resumed = _run(cut, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -98,3 +103,14 @@ def test_killed_and_resumed_demo_ends_bit_identical(tmp_path):
     control_weights, _ = _final(tmp_path / 'control')
     # the demo's RandomCrop draws differently after a plain resume
     assert _differences(weights, control_weights)
+
+    # workers draw the crops from their own generators: not exact, and said
+    workers = _run(tmp_path / 'workers', resume=True, num_workers=2)
+    assert workers.returncode == 0, workers.stderr[-3000:]
+    assert ('RNGStateHook: the resumed run will not repeat the '
+            'uninterrupted one exactly: train_dataloader.num_workers is 2 '
+            'here, 0 when the checkpoint was saved.') in \
+        workers.stdout + workers.stderr
+    assert 'will not repeat' not in resumed.stdout + resumed.stderr
+    workers_weights, _ = _final(tmp_path / 'workers')
+    assert _differences(weights, workers_weights)

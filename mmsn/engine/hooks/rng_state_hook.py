@@ -7,10 +7,11 @@ but not the generators' states, so a resumed run draws other augmentations
 import functools
 import logging
 import random
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
+from mmengine.dataset import InfiniteSampler
 from mmengine.dist import all_gather_object, get_dist_info
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
@@ -74,6 +75,52 @@ def _worker_seed(loader) -> Optional[int]:
     return None
 
 
+def _loader_settings(loader) -> Optional[dict]:
+    """What decides which process draws the augmentations, and from which
+    generators: this process (no workers) or workers seeded per worker id,
+    once (persistent) or every epoch."""
+    if loader is None:
+        return None
+    workers = getattr(loader, 'num_workers', 0)
+    return dict(num_workers=workers,
+                persistent_workers=bool(
+                    workers and getattr(loader, 'persistent_workers', False)))
+
+
+def _process_state(generators: dict, loader) -> dict:
+    """One process's part of the checkpoint: its generators and the seeds
+    its train loader was built with (the worker seed differs between
+    processes with ``randomness.diff_rank_seed``)."""
+    sampler = _sampler(loader)
+    return dict(generators=generators,
+                sampler_seed=None if sampler is None else sampler.seed,
+                worker_seed=_worker_seed(loader))
+
+
+def _loader_changes(saved: Optional[dict], now: dict) -> List[str]:
+    """The train loader settings that differ from the checkpoint's, each as
+    ``train_dataloader.<name> is <now> here, <saved> when the checkpoint
+    was saved``."""
+    if saved is None:  # saved outside training: nothing to compare
+        return []
+    return [
+        f'train_dataloader.{name} is {now[name]} here, {saved[name]} when '
+        f'the checkpoint was saved' for name in ('num_workers',
+                                                 'persistent_workers')
+        if saved[name] != now[name]
+    ]
+
+
+def _warn(message: str) -> None:
+    print_log(f'RNGStateHook: {message}', logger='current',
+              level=logging.WARNING)
+
+
+def _warn_not_exact(reasons: List[str]) -> None:
+    _warn('the resumed run will not repeat the uninterrupted one exactly: '
+          + '; '.join(reasons) + '.')
+
+
 class _RestoreAfter:
     """An iterator that sets the generators before its ``count``-th item:
     an iteration-based loop re-reads the batches it has trained on before
@@ -105,13 +152,15 @@ class RNGStateHook(Hook):
 
     * Saved (``checkpoint['rng_states']``): every process's Python, numpy,
       torch CPU and CUDA generators as they are when the checkpoint is
-      written, and the train loader's sampler and worker seeds.
+      written, the sampler and worker seeds its train loader was built with,
+      and the loader's ``num_workers`` and ``persistent_workers``.
     * Restored on resume, after the Runner's own seeding, the model's
       initialization and the checkpoint's loading: at the start of training
       (epoch-based loops; the sampler's order follows from its seed and the
       restored epoch) or once an iteration-based loop has skipped the
-      batches it trained on. Loading weights with ``load_from`` restores
-      nothing.
+      batches it trained on. The sampler and worker seeds are those saved,
+      also when this run was started with another (or a random) seed.
+      Loading weights with ``load_from`` restores nothing.
     * Validation runs between the training's draws and gives them back, so
       that a run that validates after a checkpoint and one that resumes from
       it draw the same.
@@ -120,6 +169,10 @@ class RNGStateHook(Hook):
       epoch; the seed is kept in the checkpoint. Persistent workers keep
       their generators in their own processes, which a checkpoint cannot
       hold: the hook warns that such a run does not resume exactly.
+    * A resume that cannot repeat the uninterrupted run warns and names
+      why: another number of processes (the generators are then not
+      restored), another ``num_workers`` or ``persistent_workers``, or a
+      checkpoint without generator states.
     """
     # after the hooks that may draw when an epoch ends (e.g. filling
     # batch-average statistics), before CheckpointHook (VERY_LOW)
@@ -131,8 +184,9 @@ class RNGStateHook(Hook):
         self._loaded = None  # (position, states) of a loaded checkpoint
 
     # -- saving --------------------------------------------------------------
-    def _own_states(self) -> dict:
-        return self._outside_val or capture_rng_states()
+    def _own_state(self, loader) -> dict:
+        return _process_state(self._outside_val or capture_rng_states(),
+                              loader)
 
     def _gather_if_saving(self, runner, by_epoch: bool,
                           position: tuple) -> None:
@@ -149,8 +203,8 @@ class RNGStateHook(Hook):
                 last = hook.is_last_train_epoch(runner) if by_epoch \
                     else hook.is_last_train_iter(runner)
                 if due or (hook.save_last and last):
-                    self._gathered = (position,
-                                      all_gather_object(self._own_states()))
+                    own = self._own_state(runner.train_loop.dataloader)
+                    self._gathered = (position, all_gather_object(own))
                     return
 
     def after_train_epoch(self, runner) -> None:
@@ -163,23 +217,20 @@ class RNGStateHook(Hook):
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         meta = checkpoint.get('meta', {})
         position = (meta.get('epoch'), meta.get('iter'))
-        world_size = get_dist_info()[1]
-        if world_size == 1:
-            ranks = [self._own_states()]
-        elif self._gathered is not None and self._gathered[0] == position:
-            ranks = self._gathered[1]
-        else:
-            ranks = None  # written outside the hook's view: cannot restore
         # the loop, not runner.train_loop: that would build one when a
         # checkpoint is saved outside training
         loop = getattr(runner, '_train_loop', None)
         loader = loop.dataloader if isinstance(loop, BaseLoop) else None
-        sampler = _sampler(loader)
-        checkpoint[CHECKPOINT_KEY] = dict(
-            world_size=world_size,
-            ranks=ranks,
-            sampler_seed=None if sampler is None else sampler.seed,
-            worker_seed=_worker_seed(loader))
+        world_size = get_dist_info()[1]
+        if world_size == 1:
+            ranks = [self._own_state(loader)]
+        elif self._gathered is not None and self._gathered[0] == position:
+            ranks = self._gathered[1]
+        else:
+            ranks = None  # written outside the hook's view: cannot restore
+        checkpoint[CHECKPOINT_KEY] = dict(world_size=world_size,
+                                          loader=_loader_settings(loader),
+                                          ranks=ranks)
 
     # -- validation draws nothing from the training's streams ---------------
     def before_val(self, runner) -> None:
@@ -199,46 +250,54 @@ class RNGStateHook(Hook):
     def before_train(self, runner) -> None:
         loop = runner.train_loop
         loader = loop.dataloader
-        if getattr(loader, 'num_workers', 0) > 0 and getattr(
-                loader, 'persistent_workers', False):
-            print_log(
-                'RNGStateHook: the train loader has persistent workers, '
-                'whose random generators live in the worker processes and '
-                'are not saved; a resumed run will not repeat the '
-                'uninterrupted one exactly (persistent_workers=False '
-                'would).', logger='current', level=logging.WARNING)
+        settings = _loader_settings(loader)
+        if settings['persistent_workers']:
+            _warn('the train loader has persistent workers, whose random '
+                  'generators live in the worker processes and are not '
+                  'saved; a resumed run will not repeat the uninterrupted '
+                  'one exactly (persistent_workers=False would).')
         loaded, self._loaded = self._loaded, None
         resumed = (loop.epoch, loop.iter) != (0, 0)
         if not resumed:
             return
+        # without 'loader': written by an earlier mmsn, in another layout
         if loaded is None or loaded[0] != (loop.epoch, loop.iter) or \
-                loaded[1] is None:
-            print_log(
-                'RNGStateHook: the checkpoint resumed from holds no random '
-                'generator states (it was saved without this hook); the '
-                'resumed run will not repeat an uninterrupted one exactly.',
-                logger='current', level=logging.WARNING)
+                not isinstance(loaded[1], dict) or 'loader' not in loaded[1]:
+            _warn('the checkpoint resumed from holds no random generator '
+                  'states (it was saved without this hook, or by an earlier '
+                  'mmsn); the resumed run will not repeat an uninterrupted '
+                  'one exactly.')
             return
         saved = loaded[1]
         rank, world_size = get_dist_info()
-        if saved['ranks'] is None or saved['world_size'] != world_size:
-            print_log(
-                f'RNGStateHook: the checkpoint holds the generators of '
-                f'{saved["world_size"]} processes'
-                + ('' if saved['ranks'] else ' (not gathered)') +
-                f', this run has {world_size}; they are not restored.',
-                logger='current', level=logging.WARNING)
+        changes = _loader_changes(saved['loader'], settings)
+        if saved['world_size'] != world_size or saved['ranks'] is None:
+            what = (f'{saved["world_size"]} processes saved the checkpoint, '
+                    f'{world_size} resume it'
+                    if saved['world_size'] != world_size else
+                    'the checkpoint was written outside training and holds '
+                    'no generator states')
+            _warn_not_exact([f'{what}; the generators are not restored'] +
+                            changes)
             return
-        reseeded = self._restore_loader_seeds(loader, saved)
-        state = saved['ranks'][rank]
+        own = saved['ranks'][rank]
+        reseeded = self._restore_loader_seeds(loader, own)
         if isinstance(loop, IterBasedTrainLoop):
             iterator = loop.dataloader_iterator
             if reseeded:  # its sampler and workers started with old seeds
+                sampler = _sampler(loader)
+                if isinstance(sampler, InfiniteSampler):
+                    # one index stream for every iterator of the loader,
+                    # already drawn from (by the workers' prefetching) and
+                    # closed with the old iterator: start it anew
+                    sampler.indices = sampler._indices_of_rank()
                 iterator = _InfiniteDataloaderIterator(loader)
             loop.dataloader_iterator = _RestoreAfter(iterator, loop.iter,
-                                                     state)
+                                                     own['generators'])
         else:
-            restore_rng_states(state)
+            restore_rng_states(own['generators'])
+        if changes:
+            _warn_not_exact(changes)
         print_log(
             f'RNGStateHook: random generators restored as saved at epoch '
             f'{loop.epoch}, iteration {loop.iter}', logger='current')
@@ -261,3 +320,4 @@ class RNGStateHook(Hook):
                 **dict(init_fn.keywords, seed=saved['worker_seed']))
             changed = True
         return changed
+
