@@ -80,3 +80,19 @@ def test_converting_an_sn_root_keeps_frozen_parameters_frozen(name, frozen):
     converted = CONVERTERS[name](layer)
     assert type(converted) is SyncSwitchableNorm
     assert _frozen(converted) == _frozen(layer)
+
+
+@pytest.mark.parametrize('name', list(CONVERTERS))
+def test_converted_layers_hold_the_same_tensors(name):
+    """As SyncBatchNorm's conversion does: an optimizer built before the
+    conversion still trains the converted layers' parameters, and the
+    buffers (running statistics, SSN's flags) are the very same."""
+    model = _mixed_model(with_bn=name in WITH_BN)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    converted = CONVERTERS[name](model)
+    for key, param in converted.named_parameters():
+        assert param is params[key], key
+    for key, buf in converted.named_buffers():
+        assert buf is buffers[key], key
+    assert converted.state_dict().keys() == model.state_dict().keys()

@@ -179,7 +179,10 @@ class SyncSwitchableNorm(SwitchableNorm2d):
     def convert_sync_switchable_norm(cls, module: nn.Module,
                                      process_group=None) -> nn.Module:
         """Replace every SN layer in ``module`` by its synchronized variant
-        (SyncSN; SyncSSN for SSN) with its state.
+        (SyncSN; SyncSSN for SSN), which takes over the layer's own
+        parameters and buffers (the same tensors, as
+        ``nn.SyncBatchNorm.convert_sync_batchnorm`` does: an optimizer built
+        before the conversion keeps training them).
         """
         output = module
         if isinstance(module, _SwitchableNorm) and not isinstance(
@@ -197,10 +200,13 @@ class SyncSwitchableNorm(SwitchableNorm2d):
                 process_group=process_group,
                 device=like.device,
                 dtype=like.dtype)
-            output.load_state_dict(module.state_dict())
+            for name, param in module.named_parameters(recurse=False):
+                setattr(output, name, param)
+            for name, buf in module.named_buffers(recurse=False):
+                output.register_buffer(
+                    name, buf,
+                    persistent=name not in module._non_persistent_buffers_set)
             output.train(module.training)
-            for name, param in module.named_parameters():
-                getattr(output, name).requires_grad_(param.requires_grad)
             return output
         for name, child in module.named_children():
             output.add_module(
