@@ -361,6 +361,32 @@ def test_check_norm_cfgs_finds_a_typo_in_a_whole_config():
         "'mmpretrain'); " + SN_HINT)
 
 
+def test_check_norm_cfgs_names_every_bad_norm_cfg():
+    """Not only the first: a config with three typos gets all three, in
+    config order, and the registered norm_cfg between them is not named."""
+    from mmengine.registry import init_default_scope
+    from mmsn.utils import check_norm_cfgs
+    init_default_scope('mmpretrain')
+    model = dict(
+        type='ImageClassifier',
+        backbone=dict(type='ResNet', depth=50, norm_cfg=dict(type='SNN')),
+        neck=[dict(type='A', norm_cfg=dict(type='SN')),
+              dict(type='B', norm_cfg=dict(type='sn'))],
+        head=dict(type='LinearClsHead', num_classes=3, in_channels=2048,
+                  norm_cfg=dict(type='SyncSNN')))
+    with pytest.raises(KeyError) as info:
+        check_norm_cfgs(model, where='model')
+    assert info.value.args[0] == (
+        '3 norm_cfg types are not registered:\n'
+        "model.backbone.norm_cfg: norm type 'SNN' is not registered (scope "
+        "'mmpretrain'); " + SN_HINT + '\n'
+        "model.neck[1].norm_cfg: norm type 'sn' is not registered (scope "
+        "'mmpretrain'); did you mean 'SN'?\n"
+        "model.head.norm_cfg: norm type 'SyncSNN' is not registered (scope "
+        "'mmpretrain'); did you mean 'SyncSN', 'SyncSSN', 'SyncBN', 'SSN', "
+        "'SSN1d'?")
+
+
 def test_numpy_array_is_refused_in_this_process_too():
     buffer = io.BytesIO()
     torch.save({'a': np.arange(3)}, buffer)
