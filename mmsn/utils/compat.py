@@ -159,6 +159,7 @@ def _patch_optim_constructor(name: str) -> List[Replacement]:
 
     return [replace(DefaultOptimWrapperConstructor, 'add_params', add_params)]
 
+
 PATCHES = [
     Patch('sync-conversion-torch', 'torch.nn.SyncBatchNorm.'
           'convert_sync_batchnorm',
