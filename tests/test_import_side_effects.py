@@ -248,6 +248,26 @@ def test_readme_table_lists_every_patch():
     assert patching.ENV_VAR in section and 'remove_patches' in section
 
 
+def test_the_patch_mechanism_imports_none_of_its_patches():
+    """mmsn/utils/patches.py knows no patch (the modules that define them
+    import it, not the other way round); registering a name twice fails."""
+    import ast
+    tree = ast.parse((REPO / 'mmsn' / 'utils' / 'patches.py').read_text())
+    imported = [
+        alias.name for node in ast.walk(tree)
+        if isinstance(node, ast.Import) for alias in node.names
+    ] + [
+        '.' * node.level + (node.module or '') for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+    ]
+    assert [m for m in imported
+            if m.startswith('.') or m.split('.')[0] == 'mmsn'] == []
+    first = patching.available_patches()[0]
+    with pytest.raises(ValueError, match=repr(first.name)):
+        patching.register_patches(first)
+    assert patching.available_patches().count(first) == 1
+
+
 # -- registration without importing mmpretrain --------------------------------
 LAZY = '''
 import json, sys, mmsn
