@@ -100,19 +100,10 @@ def test_norm_decay_mult_reaches_gamma_beta_not_importance():
 def _logged_options(model, paramwise_cfg):
     """The param groups' options as mmengine's INFO log states them
     (``paramwise_options -- NAME:KEY=VALUE``), and as they really are."""
-    import logging
+    from logging.handlers import BufferingHandler
+
     from mmengine.logging import MMLogger
-
-    class Collect(logging.Handler):
-
-        def __init__(self):
-            super().__init__(logging.DEBUG)
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-
-    collect = Collect()
+    collect = BufferingHandler(capacity=10**6)  # keeps what the logger emits
     logger = MMLogger.get_current_instance()
     logger.addHandler(collect)
     try:
@@ -123,7 +114,7 @@ def _logged_options(model, paramwise_cfg):
     finally:
         logger.removeHandler(collect)
     logged = {}
-    for message in collect.messages:
+    for message in (record.getMessage() for record in collect.buffer):
         if message.startswith('paramwise_options -- '):
             name, option = message[len('paramwise_options -- '):].split(':')
             key, value = option.split('=')
