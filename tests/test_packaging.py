@@ -69,6 +69,34 @@ def test_out_of_range_and_missing_dependencies_fail_the_import(monkeypatch):
     mmsn_version.check_dependencies()   # the floor itself is accepted
 
 
+def test_readme_names_what_each_extra_installs():
+    """The install block's comment on each ``pip install ".[EXTRA]"`` names
+    every package that requirements/EXTRA.txt adds."""
+    readme = (REPO / 'README.md').read_text()
+    block = readme.split('## Install into your own environment')[1]
+    block = block.split('```bash\n')[1].split('```')[0]
+    said = {}
+    extra = None
+    for line in block.splitlines():
+        match = re.match(r'pip install "\.\[(\w+)\]"\s*#(.*)', line)
+        if match:
+            extra = match.group(1)
+            said[extra] = match.group(2)
+        elif extra and line.lstrip().startswith('#'):
+            said[extra] += line
+        else:
+            extra = None
+    assert sorted(said) == ['demo', 'downstream', 'tests']
+    for extra, text in said.items():
+        names = _requirement_ranges(REPO / 'requirements' / f'{extra}.txt')
+        missing = [
+            n for n in names
+            if not re.search(rf'(?<![\w-]){re.escape(n)}(?![\w-])', text,
+                             re.IGNORECASE)
+        ]
+        assert missing == [], f'[{extra}]: {missing}'
+
+
 def test_downstream_extra_declares_the_mmcv_range_the_check_names():
     declared = _requirement_ranges(REPO / 'requirements' / 'downstream.txt')
     low, high = mmsn_version.DOWNSTREAM_MMCV_RANGE
