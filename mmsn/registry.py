@@ -7,9 +7,10 @@
 * Hooks (``SNBatchAverageHook``, ``SNImportanceLoggerHook``,
   ``RNGStateHook``, ``SSNRadiusHook``): the root ``HOOKS``, and the optimizer
   wrapper constructor ``GroupClipOptimWrapperConstructor`` (:mod:`mmsn.engine`).
-* ``PreActResNet``, ``DropoutLinearClsHead``, ``ResNetStemPool`` and the
-  ``SklearnDigits`` dataset subclass mmpretrain's classes and live in mmpretrain's registries;
-  importing mmpretrain takes seconds, so ``import mmsn`` does not. The root
+* ``PreActResNet``, ``DropoutLinearClsHead``, ``ResNetStemPool``, the
+  ``SklearnDigits`` dataset and the ``ToGrayscale`` transform build on
+  mmpretrain or mmcv and live in mmpretrain's registries; importing
+  mmpretrain takes seconds, so ``import mmsn`` does not. The root
   registries get, under each name, a builder that imports the real class on
   the first build (which registers it in mmpretrain's registry, where later
   look-ups find it) and builds it. A config with
@@ -18,7 +19,7 @@
 """
 import importlib
 
-from mmengine.registry import DATASETS, MODELS
+from mmengine.registry import DATASETS, MODELS, TRANSFORMS
 
 # name -> (root registry, module that defines and registers it)
 LAZY = {
@@ -26,6 +27,7 @@ LAZY = {
     'DropoutLinearClsHead': (MODELS, 'mmsn.models.heads.dropout_linear_head'),
     'ResNetStemPool': (MODELS, 'mmsn_runtime.resnet_stem_pool'),
     'SklearnDigits': (DATASETS, 'mmsn.datasets.digits'),
+    'ToGrayscale': (TRANSFORMS, 'mmsn.datasets.transforms'),
 }
 
 

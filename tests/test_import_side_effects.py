@@ -248,6 +248,26 @@ def test_readme_table_lists_every_patch():
     assert patching.ENV_VAR in section and 'remove_patches' in section
 
 
+def test_the_patch_mechanism_imports_none_of_its_patches():
+    """mmsn/utils/patches.py knows no patch (the modules that define them
+    import it, not the other way round); registering a name twice fails."""
+    import ast
+    tree = ast.parse((REPO / 'mmsn' / 'utils' / 'patches.py').read_text())
+    imported = [
+        alias.name for node in ast.walk(tree)
+        if isinstance(node, ast.Import) for alias in node.names
+    ] + [
+        '.' * node.level + (node.module or '') for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+    ]
+    assert [m for m in imported
+            if m.startswith('.') or m.split('.')[0] == 'mmsn'] == []
+    first = patching.available_patches()[0]
+    with pytest.raises(ValueError, match=repr(first.name)):
+        patching.register_patches(first)
+    assert patching.available_patches().count(first) == 1
+
+
 # -- registration without importing mmpretrain --------------------------------
 LAZY = '''
 import json, sys, mmsn
@@ -359,6 +379,32 @@ def test_check_norm_cfgs_finds_a_typo_in_a_whole_config():
     assert info.value.args[0] == (
         "cfg.backbone.norm_cfg: norm type 'SNN' is not registered (scope "
         "'mmpretrain'); " + SN_HINT)
+
+
+def test_check_norm_cfgs_names_every_bad_norm_cfg():
+    """Not only the first: a config with three typos gets all three, in
+    config order, and the registered norm_cfg between them is not named."""
+    from mmengine.registry import init_default_scope
+    from mmsn.utils import check_norm_cfgs
+    init_default_scope('mmpretrain')
+    model = dict(
+        type='ImageClassifier',
+        backbone=dict(type='ResNet', depth=50, norm_cfg=dict(type='SNN')),
+        neck=[dict(type='A', norm_cfg=dict(type='SN')),
+              dict(type='B', norm_cfg=dict(type='sn'))],
+        head=dict(type='LinearClsHead', num_classes=3, in_channels=2048,
+                  norm_cfg=dict(type='SyncSNN')))
+    with pytest.raises(KeyError) as info:
+        check_norm_cfgs(model, where='model')
+    assert info.value.args[0] == (
+        '3 norm_cfg types are not registered:\n'
+        "model.backbone.norm_cfg: norm type 'SNN' is not registered (scope "
+        "'mmpretrain'); " + SN_HINT + '\n'
+        "model.neck[1].norm_cfg: norm type 'sn' is not registered (scope "
+        "'mmpretrain'); did you mean 'SN'?\n"
+        "model.head.norm_cfg: norm type 'SyncSNN' is not registered (scope "
+        "'mmpretrain'); did you mean 'SyncSN', 'SyncSSN', 'SyncBN', 'SSN', "
+        "'SSN1d'?")
 
 
 def test_numpy_array_is_refused_in_this_process_too():

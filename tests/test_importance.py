@@ -251,3 +251,63 @@ def test_ssn_layers_report_their_picks(tmp_path, capsys):
     table = format_table(records).splitlines()
     assert table[2].endswith('BN/IN') and table[3].endswith('-/-')
     assert format_picks(records).splitlines()[2] == '| 0 | 0 | BN | IN |'
+
+
+def test_advice_speaks_of_sn_layers_only():
+    """SSN layers keep moving averages by their recipe: the advice neither
+    flags nor counts them, and says that it leaves them out."""
+    from mmsn import SparseSwitchableNorm2d
+    from mmsn.analysis import batch_average_advice
+    ssn, ssn2 = SparseSwitchableNorm2d(4), SparseSwitchableNorm2d(4)
+    sn_ema = SwitchableNorm2d(4)
+    sn_batch = SwitchableNorm2d(4, moving_average=False)
+    with torch.no_grad():
+        for m in (ssn, ssn2, sn_ema, sn_batch):
+            m.mean_weight.copy_(torch.tensor([0., 0., 3.]))
+    records = collect_importance(nn.Sequential(ssn, ssn2))
+    assert records[0].moving_average and records[0].mean == (0., 0., 1.)
+    assert batch_average_advice(records) == (
+        "2 SSN layers are not checked for that advice: SSN's recipe keeps "
+        "moving averages, whatever share BN gets.")
+    records = collect_importance(nn.Sequential(ssn, sn_ema, sn_batch))
+    assert batch_average_advice(records, 0.5) == (
+        '1 of 2 SN layers use moving averages with a BN share above 0.5; '
+        'the SN authors advise batch average there (norm_cfg '
+        'moving_average=False, statistics filled by SNBatchAverageHook).\n'
+        "1 SSN layer is not checked for that advice: SSN's recipe keeps "
+        'moving averages, whatever share BN gets.')
+    records = collect_importance(nn.Sequential(sn_batch))
+    assert batch_average_advice(records, 0.5) == (
+        'No moving-average SN layer has a BN share above 0.5.')
+
+
+def test_plot_tool_on_an_ssn_config_given_by_name(tmp_path, capsys,
+                                                  monkeypatch):
+    """The issue's case: `mim run mmsn plot_importance NAME.py CKPT` passes
+    the config's file name; an SSN model that picked BN with moving
+    averages is not reported as having no BN share above the threshold."""
+    from mmsn import SparseSwitchableNorm2d
+    model = build(osp.join(REPO, 'configs', 'demo', 'resnet_ssn_digits.py'))
+    layers = [m for m in model.modules()
+              if isinstance(m, SparseSwitchableNorm2d)]
+    with torch.no_grad():
+        for m in layers:
+            m.mean_weight.copy_(torch.tensor([0., 0., 3.]))
+            m.var_weight.copy_(torch.tensor([0., 3., 0.]))
+    ckpt = tmp_path / 'ssn.pth'
+    torch.save(dict(state_dict=model.state_dict()), str(ckpt))
+    monkeypatch.chdir(tmp_path)
+    assert load_tool().main(
+        ['resnet_ssn_digits.py', str(ckpt), '--out', 'ssn.png']) == 0
+    printed = capsys.readouterr().out
+    assert 'No moving-average SN layer' not in printed
+    assert (f"{len(layers)} SSN layers are not checked for that advice: "
+            "SSN's recipe keeps moving averages, whatever share BN gets."
+            ) in printed
+    rows = [line.split() for line in printed.splitlines()
+            if 'backbone.' in line]
+    assert len(rows) == len(layers)
+    # mean shares IN LN BN, variance shares IN LN BN, EMA, picked
+    assert {tuple(r[2:]) for r in rows} == {
+        ('0.000', '0.000', '1.000', '0.000', '1.000', '0.000', 'yes',
+         'BN/LN')}

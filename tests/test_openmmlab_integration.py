@@ -97,6 +97,61 @@ def test_norm_decay_mult_reaches_gamma_beta_not_importance():
     assert set(_decay_by_name(model, {}).values()) == {1e-4}
 
 
+def _logged_options(model, paramwise_cfg):
+    """The param groups' options as mmengine's INFO log states them
+    (``paramwise_options -- NAME:KEY=VALUE``), and as they really are."""
+    from logging.handlers import BufferingHandler
+
+    from mmengine.logging import MMLogger
+    collect = BufferingHandler(capacity=10**6)  # keeps what the logger emits
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(collect)
+    try:
+        wrapper = build_optim_wrapper(
+            model,
+            dict(optimizer=dict(type='SGD', lr=0.1, weight_decay=1e-4),
+                 paramwise_cfg=paramwise_cfg))
+    finally:
+        logger.removeHandler(collect)
+    logged = {}
+    for message in (record.getMessage() for record in collect.buffer):
+        if message.startswith('paramwise_options -- '):
+            name, option = message[len('paramwise_options -- '):].split(':')
+            key, value = option.split('=')
+            assert (name, key) not in logged, message
+            logged[name, key] = value
+    names = {id(p): n for n, p in model.named_parameters()}
+    real = {(names[id(p)], key): str(value)
+            for group in wrapper.optimizer.param_groups
+            for key, value in group.items() if key != 'params'
+            for p in group['params']}
+    return logged, real
+
+
+def test_paramwise_log_states_the_importance_decay_really_given():
+    """mmengine logs each param group's options; with norm_decay_mult the
+    log must give the importance weights the decay they really get."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), SwitchableNorm2d(4))
+    logged, real = _logged_options(model, dict(norm_decay_mult=0.))
+    assert {k: v for k, v in real.items() if k in logged} == logged
+    assert logged == {
+        ('1.weight', 'weight_decay'): '0.0',
+        ('1.bias', 'weight_decay'): '0.0',
+        ('1.mean_weight', 'weight_decay'): '0.0001',
+        ('1.var_weight', 'weight_decay'): '0.0001',
+    }
+    # and where a custom key names them, what the custom key says
+    logged, real = _logged_options(
+        model,
+        dict(norm_decay_mult=0.,
+             custom_keys={'.mean_weight': dict(decay_mult=0., lr_mult=0.5)}))
+    assert logged[('1.mean_weight', 'weight_decay')] == '0.0'
+    assert logged[('1.mean_weight', 'lr')] == '0.05'
+    assert logged[('1.var_weight', 'weight_decay')] == '0.0001'
+    # every stated option is the param group's own value
+    assert {k: v for k, v in real.items() if k in logged} == logged
+
+
 def _conv_sn_bn():
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -69,6 +69,80 @@ def test_out_of_range_and_missing_dependencies_fail_the_import(monkeypatch):
     mmsn_version.check_dependencies()   # the floor itself is accepted
 
 
+def test_readme_names_what_each_extra_installs():
+    """The install block's comment on each ``pip install ".[EXTRA]"`` names
+    every package that requirements/EXTRA.txt adds."""
+    readme = (REPO / 'README.md').read_text()
+    block = readme.split('## Install into your own environment')[1]
+    block = block.split('```bash\n')[1].split('```')[0]
+    said = {}
+    extra = None
+    for line in block.splitlines():
+        match = re.match(r'pip install "\.\[(\w+)\]"\s*#(.*)', line)
+        if match:
+            extra = match.group(1)
+            said[extra] = match.group(2)
+        elif extra and line.lstrip().startswith('#'):
+            said[extra] += line
+        else:
+            extra = None
+    assert sorted(said) == ['demo', 'downstream', 'tests']
+    for extra, text in said.items():
+        names = _requirement_ranges(REPO / 'requirements' / f'{extra}.txt')
+        missing = [
+            n for n in names
+            if not re.search(rf'(?<![\w-]){re.escape(n)}(?![\w-])', text,
+                             re.IGNORECASE)
+        ]
+        assert missing == [], f'[{extra}]: {missing}'
+
+
+def test_downstream_extra_declares_the_mmcv_range_the_check_names():
+    declared = _requirement_ranges(REPO / 'requirements' / 'downstream.txt')
+    low, high = mmsn_version.DOWNSTREAM_MMCV_RANGE
+    assert declared['mmcv'] == f'>={low},<{high}'
+
+
+def test_mmdet_refusing_mmcv_fails_the_import_with_the_fix(monkeypatch):
+    """The issue's stack: mmcv-lite 2.2 and then "mmsn[downstream]"
+    installed mmdet; mmpretrain would fail in mmdet's own assertion."""
+    found = {'torch': '2.14.1', 'torchvision': '0.29.1', 'mmengine': '0.10.5',
+             'mmpretrain': '1.2.0', 'mmcv': '2.2.0', 'mmdet': '3.3.0'}
+    monkeypatch.setattr(mmsn_version, 'installed_version', found.get)
+    with pytest.raises(ImportError) as err:
+        mmsn_version.check_dependencies()
+    message = str(err.value)
+    assert ('mmdet==3.3.0 is installed and refuses mmcv==2.2.0 at its import '
+            '(it needs full mmcv>=2.0.0rc4,<2.2.0); mmpretrain imports '
+            'mmdet, so classification fails too. Either `pip uninstall mmdet '
+            'mmsegmentation`') in message
+    assert 'tested with' not in message   # 2.2.0 is in mmpretrain's range
+
+    # within mmdet's range; and an mmcv just below it (1.x is out of mmsn's
+    # own range, reported as such, not as mmdet's)
+    found.update(mmcv='2.1.0')
+    mmsn_version.check_dependencies()
+    found.update(mmcv='2.0.0rc3')
+    with pytest.raises(ImportError, match=r'mmdet==3\.3\.0 is installed'):
+        mmsn_version.check_dependencies()
+
+
+def test_mmseg_refusing_mmcv_warns_only(monkeypatch):
+    """mmpretrain does not import mmseg: classification still works."""
+    found = {'torch': '2.14.1', 'torchvision': '0.29.1', 'mmengine': '0.10.5',
+             'mmpretrain': '1.2.0', 'mmcv': '2.2.0', 'mmseg': '1.2.2'}
+    monkeypatch.setattr(mmsn_version, 'installed_version', found.get)
+    with pytest.warns(UserWarning) as record:
+        mmsn_version.check_dependencies()
+    assert [str(w.message) for w in record] == [
+        'mmsegmentation==1.2.2 is installed and refuses mmcv==2.2.0 at its '
+        'import (it needs full mmcv>=2.0.0rc4,<2.2.0): mmseg fails to '
+        'import. Either `pip uninstall mmsegmentation` or replace mmcv by '
+        'full mmcv 2.1.0 (README, "SN as a detection / segmentation '
+        'backbone", builds full mmcv 2.1.0).'
+    ]
+
+
 def test_running_environment_is_in_range():
     mmsn_version.check_dependencies()
 
@@ -209,6 +283,7 @@ def test_wheel_declares_ranges_and_extras(wheel):
     for extra in ('demo', 'tests', 'downstream'):
         assert f'Provides-Extra: {extra}' in text
     assert 'scikit-learn; extra == "demo"' in requires
+    assert 'mmcv<2.2.0,>=2.0.0rc4; extra == "downstream"' in requires
 
 
 def test_model_index_points_at_existing_configs():

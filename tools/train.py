@@ -1,28 +1,27 @@
 # Copyright (c) OpenMMLab. All rights reserved.
 """Train a model: mmpretrain's ``tools/train.py`` plus CPU-only distributed.
 
-Same arguments as mmpretrain's. On a machine without CUDA, ``--launcher
-pytorch|slurm|mpi`` runs the processes with gloo
-(:mod:`mmsn.utils.dist`). Also what ``mim train mmsn CONFIG`` runs.
+Same arguments as mmpretrain's; the config is a path or the file name of
+one of mmsn's configs. On a machine without CUDA, ``--launcher
+pytorch|slurm|mpi`` runs the processes with gloo (:mod:`mmsn.utils.dist`).
+Also what ``mim train mmsn CONFIG`` runs.
 """
 import argparse
-import os
-import os.path as osp
-from copy import deepcopy
 
-from mmengine.config import Config, ConfigDict, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
-from mmengine.utils import digit_version
-from mmengine.utils.dl_utils import TORCH_VERSION
+from mmengine.config import Config
 
 import mmsn  # noqa: F401  (SN, PreActResNet, safe loading of checkpoints)
-from mmsn.utils.dist import cpu_distributed
+from mmsn.utils.tool_setup import (add_runner_args, find_config,
+                                   parse_runner_args, run_runner,
+                                   set_dataloader_defaults, set_work_dir)
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a model')
-    parser.add_argument('config', help='train config file path')
+    parser.add_argument(
+        'config',
+        help='train config: a path, or the file name of one of mmsn\'s '
+        'configs')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(
         '--resume',
@@ -54,30 +53,8 @@ def parse_args():
         action='store_true',
         help='whether to disable the persistent_workers option in dataloaders.'
     )
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override some settings in the used config, the key-value pair '
-        'in xxx=yyy format will be merged into config file. If the value to '
-        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
-        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
-        'Note that the quotation marks are necessary and that no white space '
-        'is allowed.')
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-    # When using PyTorch version >= 2.0.0, the `torch.distributed.launch`
-    # will pass the `--local-rank` parameter to `tools/train.py` instead
-    # of `--local_rank`.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-
-    return args
+    add_runner_args(parser)
+    return parse_runner_args(parser, argv)
 
 
 def merge_args(cfg, args):
@@ -88,15 +65,7 @@ def merge_args(cfg, args):
         cfg.val_evaluator = None
 
     cfg.launcher = args.launcher
-
-    # work_dir is determined in this priority: CLI > segment in file > filename
-    if args.work_dir is not None:
-        # update configs according to CLI args if args.work_dir is not None
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        # use config filename as default work_dir if cfg.work_dir is None
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    set_work_dir(cfg, args.work_dir, args.config)
 
     # enable automatic-mixed-precision training
     if args.amp is True:
@@ -115,29 +84,14 @@ def merge_args(cfg, args):
     if args.auto_scale_lr:
         cfg.auto_scale_lr.enable = True
 
-    # set dataloader args
-    default_dataloader_cfg = ConfigDict(
-        pin_memory=True,
-        persistent_workers=True,
-        collate_fn=dict(type='default_collate'),
-    )
-    if digit_version(TORCH_VERSION) < digit_version('1.8.0'):
-        default_dataloader_cfg.persistent_workers = False
-
-    def set_default_dataloader_cfg(cfg, field):
-        if cfg.get(field, None) is None:
-            return
-        dataloader_cfg = deepcopy(default_dataloader_cfg)
-        dataloader_cfg.update(cfg[field])
-        cfg[field] = dataloader_cfg
-        if args.no_pin_memory:
-            cfg[field]['pin_memory'] = False
-        if args.no_persistent_workers:
-            cfg[field]['persistent_workers'] = False
-
-    set_default_dataloader_cfg(cfg, 'train_dataloader')
-    set_default_dataloader_cfg(cfg, 'val_dataloader')
-    set_default_dataloader_cfg(cfg, 'test_dataloader')
+    overrides = {}
+    if args.no_pin_memory:
+        overrides['pin_memory'] = False
+    if args.no_persistent_workers:
+        overrides['persistent_workers'] = False
+    set_dataloader_defaults(
+        cfg, ('train_dataloader', 'val_dataloader', 'test_dataloader'),
+        dict(pin_memory=True, persistent_workers=True), overrides)
 
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
@@ -145,30 +99,14 @@ def merge_args(cfg, args):
     return cfg
 
 
-def main():
-    args = parse_args()
+def train(runner) -> None:
+    runner.train()  # returns the model: not kept past the process group
 
-    # load config
-    cfg = Config.fromfile(args.config)
 
-    # merge cli arguments to config
-    cfg = merge_args(cfg, args)
-
-    # CPU-only machines: gloo instead of failing in torch.cuda.set_device
-    with cpu_distributed(cfg):
-        # build the runner from config
-        if 'runner_type' not in cfg:
-            # build the default runner
-            runner = Runner.from_cfg(cfg)
-        else:
-            # build customized runner from the registry
-            # if 'runner_type' is set in the cfg
-            runner = RUNNERS.build(cfg)
-
-        # start training
-        runner.train()
-        # the model's DDP wrapper goes before the process group it uses
-        del runner
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = merge_args(Config.fromfile(find_config(args.config)), args)
+    run_runner(cfg, train)
 
 
 if __name__ == '__main__':

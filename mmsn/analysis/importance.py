@@ -101,6 +101,33 @@ def flagged_layers(records: Sequence[LayerImportance],
     return [r for r in records if r.should_use_batch_average(threshold)]
 
 
+def batch_average_advice(records: Sequence[LayerImportance],
+                         threshold: float = BN_SHARE_THRESHOLD) -> str:
+    """The SN authors' advice on ``records``, in sentences: which SN layers
+    use moving averages with a BN share above ``threshold`` (they advise
+    batch average there), or that none does. SSN layers are not checked
+    (SSN's recipe keeps moving averages) and the text says so."""
+    sn = [r for r in records if not r.sparse]
+    ssn = len(records) - len(sn)
+    lines = []
+    flagged = flagged_layers(sn, threshold)
+    if flagged:
+        lines.append(
+            f'{len(flagged)} of {len(sn)} SN layers use moving averages with '
+            f'a BN share above {threshold:g}; the SN authors advise batch '
+            f'average there (norm_cfg moving_average=False, statistics '
+            f'filled by SNBatchAverageHook).')
+    elif sn:
+        lines.append(f'No moving-average SN layer has a BN share above '
+                     f'{threshold:g}.')
+    if ssn:
+        lines.append(
+            f'{ssn} SSN layer{"s are" if ssn > 1 else " is"} not checked '
+            f'for that advice: SSN\'s recipe keeps moving averages, whatever '
+            f'share BN gets.')
+    return '\n'.join(lines)
+
+
 def average_shares(records: Sequence[LayerImportance]
                    ) -> Dict[str, Tuple[float, ...]]:
     """Unweighted mean over layers of the mean and variance shares.
@@ -258,6 +285,7 @@ def plot_importance(records: Sequence[LayerImportance],
 
 __all__ = [
     'BN_SHARE_THRESHOLD', 'LayerImportance', 'collect_importance',
-    'flagged_layers', 'average_shares', 'importance_scalars', 'format_table',
-    'format_picks', 'write_csv', 'plot_importance'
+    'flagged_layers', 'batch_average_advice', 'average_shares',
+    'importance_scalars', 'format_table', 'format_picks', 'write_csv',
+    'plot_importance'
 ]

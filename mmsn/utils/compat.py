@@ -17,7 +17,8 @@ Each wrapper handles SN and calls the original for everything else; see
 :mod:`mmsn.utils.patches` for applying and removing them.
 """
 import importlib
-from typing import List
+import logging
+from typing import List, Tuple
 
 from torch import nn
 
@@ -103,7 +104,20 @@ def _patch_mmcv_fuse_conv_bn(name: str) -> List[Replacement]:
     return [replace(fuse_module, '_fuse_conv_bn', _fuse_conv_bn)]
 
 
+class _HoldBack(logging.Filter):
+    """Drops the log records whose message starts with one of ``prefixes``.
+    """
+
+    def __init__(self, prefixes: Tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
 def _patch_optim_constructor(name: str) -> List[Replacement]:
+    from mmengine.logging import MMLogger, print_log
     from mmengine.optim import DefaultOptimWrapperConstructor
     original = vars(DefaultOptimWrapperConstructor)['add_params']
     if is_patched(original, name):
@@ -111,23 +125,37 @@ def _patch_optim_constructor(name: str) -> List[Replacement]:
 
     @wraps_as(name, original)
     def add_params(self, params, module, prefix='', is_dcn_module=None):
-        first = len(params)
-        original(self, params, module, prefix, is_dcn_module)
         if not isinstance(module, _SwitchableNorm) or self.base_wd is None:
-            return
+            return original(self, params, module, prefix, is_dcn_module)
+        # mmengine logs each group's options as it adds it; the importance
+        # weights' lines are held back and logged once their decay is final
+        params_of = {id(getattr(module, p)): p for p in IMPORTANCE_PARAMS}
+        log_names = [f'{prefix}.{p}' if prefix else p
+                     for p in IMPORTANCE_PARAMS]
+        hold_back = _HoldBack(
+            tuple(f'paramwise_options -- {n}:' for n in log_names))
+        logger = MMLogger.get_current_instance()
+        first = len(params)
+        logger.addFilter(hold_back)
+        try:
+            original(self, params, module, prefix, is_dcn_module)
+        finally:
+            logger.removeFilter(hold_back)
         custom_keys = self.paramwise_cfg.get('custom_keys', {})
-        importance = {
-            id(getattr(module, param)): f'{prefix}.{param}'
-            for param in IMPORTANCE_PARAMS
-        }
         for group in params[first:]:
-            full_name = importance.get(id(group['params'][0]))
-            if full_name is None or any(key in full_name
-                                        for key in custom_keys):
+            param = params_of.get(id(group['params'][0]))
+            if param is None:
                 continue
-            # norm_decay_mult is for gamma/beta; the importance logits keep
-            # the base decay, as in the authors' recipe.
-            group.pop('weight_decay', None)
+            # mmengine matches custom keys against '{prefix}.{name}'
+            if not any(key in f'{prefix}.{param}' for key in custom_keys):
+                # norm_decay_mult is for gamma/beta; the importance logits
+                # keep the base decay, as in the authors' recipe.
+                group['weight_decay'] = self.base_wd
+            log_name = f'{prefix}.{param}' if prefix else param
+            for key, value in group.items():
+                if key != 'params':
+                    print_log(f'paramwise_options -- {log_name}:{key}={value}',
+                              logger='current')
 
     return [replace(DefaultOptimWrapperConstructor, 'add_params', add_params)]
 

@@ -8,7 +8,7 @@ first, and :func:`check_norm_cfgs` checks a whole config before a model is
 built.
 """
 import difflib
-from typing import List, Mapping
+from typing import Iterator, List, Mapping, Optional
 
 from torch import nn
 
@@ -43,35 +43,54 @@ def suggest_norm_types(name: str, limit: int = 5) -> List[str]:
     return [n for _, n in close[:limit]]
 
 
-def check_norm_cfg(norm_cfg: Mapping, where: str = 'norm_cfg') -> None:
-    """Raise a ``KeyError`` naming the close registered norms if
-    ``norm_cfg['type']`` is a name that is not registered."""
+def _unregistered(norm_cfg: Mapping, where: str) -> Optional[str]:
+    """Why ``norm_cfg['type']`` cannot be built, naming the close registered
+    norms; None if it is registered (or not a name: mmcv reports those)."""
     from mmengine.registry import MODELS
     norm_type = norm_cfg.get('type') if isinstance(norm_cfg, Mapping) \
         else None
     if not isinstance(norm_type, str):
-        return  # a class, or no type: mmcv reports those itself
+        return None
     with MODELS.switch_scope_and_registry(None) as registry:
         if registry.get(norm_type) is not None:
-            return
+            return None
         scope = registry.scope
     close = suggest_norm_types(norm_type)
     hint = (f'did you mean {", ".join(repr(n) for n in close)}?'
             if close else f'registered norms: {_registered_norms()}')
-    raise KeyError(
-        f'{where}: norm type {norm_type!r} is not registered (scope '
-        f'{scope!r}); {hint}')
+    return (f'{where}: norm type {norm_type!r} is not registered (scope '
+            f'{scope!r}); {hint}')
+
+
+def check_norm_cfg(norm_cfg: Mapping, where: str = 'norm_cfg') -> None:
+    """Raise a ``KeyError`` naming the close registered norms if
+    ``norm_cfg['type']`` is a name that is not registered."""
+    problem = _unregistered(norm_cfg, where)
+    if problem is not None:
+        raise KeyError(problem)
+
+
+def _unregistered_in(cfg, where: str) -> Iterator[str]:
+    if isinstance(cfg, Mapping):
+        for key, value in cfg.items():
+            if key == 'norm_cfg':
+                problem = _unregistered(value, f'{where}.{key}')
+                if problem is not None:
+                    yield problem
+            else:
+                yield from _unregistered_in(value, f'{where}.{key}')
+    elif isinstance(cfg, (list, tuple)):
+        for i, value in enumerate(cfg):
+            yield from _unregistered_in(value, f'{where}[{i}]')
 
 
 def check_norm_cfgs(cfg, where: str = 'cfg') -> None:
     """:func:`check_norm_cfg` on every ``norm_cfg`` found in a (model)
-    config, e.g. ``check_norm_cfgs(Config.fromfile(path).model)``."""
-    if isinstance(cfg, Mapping):
-        for key, value in cfg.items():
-            if key == 'norm_cfg':
-                check_norm_cfg(value, f'{where}.{key}')
-            else:
-                check_norm_cfgs(value, f'{where}.{key}')
-    elif isinstance(cfg, (list, tuple)):
-        for i, value in enumerate(cfg):
-            check_norm_cfgs(value, f'{where}[{i}]')
+    config, e.g. ``check_norm_cfgs(Config.fromfile(path).model)``; one
+    ``KeyError`` names every unregistered norm type, one per line."""
+    problems = list(_unregistered_in(cfg, where))
+    if len(problems) == 1:
+        raise KeyError(problems[0])
+    if problems:
+        raise KeyError(f'{len(problems)} norm_cfg types are not '
+                       f'registered:\n' + '\n'.join(problems))

@@ -1,7 +1,9 @@
-"""Every change mmsn makes to other libraries, in one place.
+"""How mmsn changes other libraries, and takes the changes back.
 
 ``import mmsn`` applies the patches listed by :func:`available_patches`
-(the README's patch table lists the same, with the reasons). Each one
+(the README's patch table lists the same, with the reasons); the modules
+that define them (:mod:`mmsn.utils.compat`, :mod:`mmsn.utils.checkpoint`)
+are registered by :mod:`mmsn.utils` with :func:`register_patches`. Each one
 replaces one function of torch, mmengine or mmcv by a ``functools.wraps``
 wrapper that handles SN and otherwise calls the original, and can be taken
 back:
@@ -78,11 +80,24 @@ def replace(owner, attr: str, patched) -> Replacement:
     return Replacement(owner, attr, original, patched)
 
 
+_registered: List[Patch] = []
+
+
+def register_patches(*patches: Patch) -> None:
+    """Add patches to those :func:`available_patches` lists, in order (the
+    modules that define patches are wired in by :mod:`mmsn.utils`)."""
+    known = {p.name for p in _registered}
+    for patch in patches:
+        if patch.name in known:
+            raise ValueError(f'an mmsn patch named {patch.name!r} is '
+                             f'registered already')
+        known.add(patch.name)
+        _registered.append(patch)
+
+
 def available_patches() -> List[Patch]:
     """The patches mmsn applies, in order."""
-    from .checkpoint import PATCHES as checkpoint_patches
-    from .compat import PATCHES as sn_patches
-    return [*sn_patches, *checkpoint_patches]
+    return list(_registered)
 
 
 _applied: Dict[str, List[Replacement]] = {}

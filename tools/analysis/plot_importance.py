@@ -23,7 +23,10 @@ import sys
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Plot the learned importance shares of SN layers')
-    parser.add_argument('config', help='config file of the model')
+    parser.add_argument(
+        'config',
+        help='config of the model: a path, or the file name of one of '
+        'mmsn\'s configs')
     parser.add_argument(
         'checkpoint',
         nargs='?',
@@ -52,11 +55,12 @@ def main(argv=None) -> int:
     from mmengine.runner import load_checkpoint
     from mmpretrain.registry import MODELS
 
-    from mmsn.analysis import (collect_importance, flagged_layers,
+    from mmsn.analysis import (batch_average_advice, collect_importance,
                                format_picks, format_table, plot_importance,
                                write_csv)
+    from mmsn.utils.tool_setup import find_config
 
-    cfg = Config.fromfile(args.config)
+    cfg = Config.fromfile(find_config(args.config))
     with DefaultScope.overwrite_default_scope(
             cfg.get('default_scope', 'mmpretrain')):
         model = MODELS.build(cfg.model)
@@ -81,16 +85,7 @@ def main(argv=None) -> int:
     write_csv(records, csv_file, threshold=args.threshold)
 
     print(format_table(records, args.threshold))
-    flagged = flagged_layers(records, args.threshold)
-    if flagged:
-        print(f'\n{len(flagged)} of {len(records)} SN layers use moving '
-              f'averages with a BN share above {args.threshold:g}; the SN '
-              f'authors advise batch average there (norm_cfg '
-              f'moving_average=False, statistics filled by '
-              f'SNBatchAverageHook).')
-    else:
-        print(f'\nNo moving-average SN layer has a BN share above '
-              f'{args.threshold:g}.')
+    print('\n' + batch_average_advice(records, args.threshold))
     print(f'Figure: {args.out}\nTable: {csv_file}')
     if args.picks:
         with open(args.picks, 'w') as f:

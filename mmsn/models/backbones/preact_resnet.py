@@ -33,7 +33,7 @@ the converter maps the one onto the other. The
 norms are reachable by role as ``norm1`` (stem), ``norm_out`` (final) and
 ``block.norm1``..``block.norm3``.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch.nn as nn
 import torch.utils.checkpoint as cp
@@ -47,7 +47,87 @@ from mmpretrain.registry import MODELS
 from mmsn.utils.norm_types import check_norm_cfg
 
 
-class PreActBasicBlock(BaseModule):
+class _PreActBlock(BaseModule):
+    """``norm<i> -> ReLU -> conv<i>`` for i = 1, 2, ..., then the shortcut
+    added; the shortcut takes the pre-activated input (after norm1 + ReLU).
+
+    Args:
+        in_channels (int): Input channels of this block.
+        out_channels (int): Output channels of this block.
+        mid_channels (int): Channels between the convs.
+        convs (Sequence[tuple[int, int]]): ``(kernel size, stride)`` of each
+            conv; 3x3 convs take ``dilation`` (and padding to keep the size).
+        dilation (int): Dilation of the 3x3 convs.
+        downsample (nn.Module, optional): Shortcut applied to the
+            pre-activated input; None is the identity.
+        with_cp (bool): Use gradient checkpointing to save memory.
+        conv_cfg (dict, optional): Config of the conv layers.
+        norm_cfg (dict): Config of the norm layers.
+        init_cfg (dict, optional): Initialization config.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int,
+                 mid_channels: int, convs: Sequence[Tuple[int, int]],
+                 dilation: int, downsample: Optional[nn.Module],
+                 with_cp: bool, conv_cfg: Optional[dict], norm_cfg: dict,
+                 init_cfg: Optional[dict]):
+        super().__init__(init_cfg=init_cfg)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.mid_channels = mid_channels
+        self.dilation = dilation
+        self.with_cp = with_cp
+        self.num_convs = len(convs)
+        self.norm_names = []
+        for i, (kernel_size, stride) in enumerate(convs, 1):
+            channels = in_channels if i == 1 else mid_channels
+            norm_name, norm = build_norm_layer(norm_cfg, channels, postfix=i)
+            self.add_module(norm_name, norm)
+            self.norm_names.append(norm_name)
+            wide = kernel_size == 3
+            conv = build_conv_layer(
+                conv_cfg,
+                channels,
+                out_channels if i == len(convs) else mid_channels,
+                kernel_size,
+                stride=stride,
+                padding=dilation if wide else 0,
+                dilation=dilation if wide else 1,
+                bias=False)
+            self.add_module(f'conv{i}', conv)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    @property
+    def norm1(self):
+        return getattr(self, self.norm_names[0])
+
+    @property
+    def norm2(self):
+        return getattr(self, self.norm_names[1])
+
+    @property
+    def last_norm(self):
+        """The norm that, zeroed, makes the residual branch output 0."""
+        return getattr(self, self.norm_names[-1])
+
+    def _forward(self, x):
+        out = self.relu(self.norm1(x))
+        # The shortcut takes the pre-activated input, as in the authors' v2.
+        identity = x if self.downsample is None else self.downsample(out)
+        out = self.conv1(out)
+        for i in range(2, self.num_convs + 1):
+            norm = getattr(self, self.norm_names[i - 1])
+            out = getattr(self, f'conv{i}')(self.relu(norm(out)))
+        return out + identity
+
+    def forward(self, x):
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class PreActBasicBlock(_PreActBlock):
     """Pre-activation basic block: (norm -> ReLU -> 3x3 conv) x 2.
 
     Args:
@@ -79,90 +159,25 @@ class PreActBasicBlock(BaseModule):
                  conv_cfg: Optional[dict] = None,
                  norm_cfg: dict = dict(type='BN'),
                  init_cfg: Optional[dict] = None):
-        super().__init__(init_cfg=init_cfg)
         assert expansion == 1
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        super().__init__(in_channels, out_channels, out_channels,
+                         [(3, stride), (3, 1)], dilation, downsample,
+                         with_cp, conv_cfg, norm_cfg, init_cfg)
         self.expansion = expansion
-        self.mid_channels = out_channels
         self.stride = stride
-        self.dilation = dilation
-        self.with_cp = with_cp
-
-        self.norm1_name, norm1 = build_norm_layer(
-            norm_cfg, in_channels, postfix=1)
-        self.add_module(self.norm1_name, norm1)
-        self.conv1 = build_conv_layer(
-            conv_cfg,
-            in_channels,
-            self.mid_channels,
-            3,
-            stride=stride,
-            padding=dilation,
-            dilation=dilation,
-            bias=False)
-        self.norm2_name, norm2 = build_norm_layer(
-            norm_cfg, self.mid_channels, postfix=2)
-        self.add_module(self.norm2_name, norm2)
-        self.conv2 = build_conv_layer(
-            conv_cfg,
-            self.mid_channels,
-            out_channels,
-            3,
-            padding=dilation,
-            dilation=dilation,
-            bias=False)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    @property
-    def norm1(self):
-        return getattr(self, self.norm1_name)
-
-    @property
-    def norm2(self):
-        return getattr(self, self.norm2_name)
-
-    @property
-    def last_norm(self):
-        """The norm that, zeroed, makes the residual branch output 0."""
-        return self.norm2
-
-    def _forward(self, x):
-        out = self.relu(self.norm1(x))
-        # The shortcut takes the pre-activated input, as in the authors' v2.
-        identity = x if self.downsample is None else self.downsample(out)
-        out = self.conv1(out)
-        out = self.conv2(self.relu(self.norm2(out)))
-        return out + identity
-
-    def forward(self, x):
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
 
 
-class PreActBottleneck(PreActBasicBlock):
+class PreActBottleneck(_PreActBlock):
     """Pre-activation bottleneck: norm -> ReLU -> conv, three times.
 
-    The convs are 1x1, 3x3 (with the stride) and 1x1 (expansion).
+    The convs are 1x1, 3x3 (with the stride and dilation) and 1x1 (the
+    expansion). The arguments are :class:`PreActBasicBlock`'s, except:
 
     Args:
-        in_channels (int): Input channels of this block.
-        out_channels (int): Output channels of this block.
         expansion (int): Ratio of ``out_channels / mid_channels``.
             Defaults to 4.
         stride (int): Stride of the 3x3 conv. Defaults to 1.
         dilation (int): Dilation of the 3x3 conv. Defaults to 1.
-        downsample (nn.Module, optional): Shortcut applied to the
-            pre-activated input. Defaults to None (identity).
-        with_cp (bool): Use gradient checkpointing to save memory.
-            Defaults to False.
-        conv_cfg (dict, optional): Config of the conv layers.
-            Defaults to None.
-        norm_cfg (dict): Config of the norm layers.
-            Defaults to ``dict(type='BN')``.
-        init_cfg (dict, optional): Initialization config. Defaults to None.
     """
 
     def __init__(self,
@@ -176,55 +191,16 @@ class PreActBottleneck(PreActBasicBlock):
                  conv_cfg: Optional[dict] = None,
                  norm_cfg: dict = dict(type='BN'),
                  init_cfg: Optional[dict] = None):
-        BaseModule.__init__(self, init_cfg=init_cfg)
         assert out_channels % expansion == 0
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        super().__init__(in_channels, out_channels, out_channels // expansion,
+                         [(1, 1), (3, stride), (1, 1)], dilation, downsample,
+                         with_cp, conv_cfg, norm_cfg, init_cfg)
         self.expansion = expansion
-        self.mid_channels = out_channels // expansion
         self.stride = stride
-        self.dilation = dilation
-        self.with_cp = with_cp
-        mid = self.mid_channels
-
-        self.norm1_name, norm1 = build_norm_layer(
-            norm_cfg, in_channels, postfix=1)
-        self.add_module(self.norm1_name, norm1)
-        self.conv1 = build_conv_layer(
-            conv_cfg, in_channels, mid, 1, bias=False)
-        self.norm2_name, norm2 = build_norm_layer(norm_cfg, mid, postfix=2)
-        self.add_module(self.norm2_name, norm2)
-        self.conv2 = build_conv_layer(
-            conv_cfg,
-            mid,
-            mid,
-            3,
-            stride=stride,
-            padding=dilation,
-            dilation=dilation,
-            bias=False)
-        self.norm3_name, norm3 = build_norm_layer(norm_cfg, mid, postfix=3)
-        self.add_module(self.norm3_name, norm3)
-        self.conv3 = build_conv_layer(
-            conv_cfg, mid, out_channels, 1, bias=False)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
 
     @property
     def norm3(self):
-        return getattr(self, self.norm3_name)
-
-    @property
-    def last_norm(self):
-        return self.norm3
-
-    def _forward(self, x):
-        out = self.relu(self.norm1(x))
-        identity = x if self.downsample is None else self.downsample(out)
-        out = self.conv1(out)
-        out = self.conv2(self.relu(self.norm2(out)))
-        out = self.conv3(self.relu(self.norm3(out)))
-        return out + identity
+        return getattr(self, self.norm_names[2])
 
 
 class PreActResLayer(nn.Sequential):
@@ -463,7 +439,7 @@ class PreActResNet(BaseBackbone):
             return
         if self.zero_init_residual:
             for m in self.modules():
-                if isinstance(m, PreActBasicBlock):
+                if isinstance(m, _PreActBlock):
                     # norm -> ReLU -> conv with gamma = beta = 0 gives 0.
                     constant_init(m.last_norm, 0)
 
