@@ -50,6 +50,9 @@ RESNET50_NORM_SHAPES = [
     (512, 7, 5), (2048, 7, 4)
 ]
 QUICK_SHAPES = [(32, 64, 56), (32, 256, 14), (32, 2048, 7), (8, 64, 112)]
+SECTIONS = ['shapes', 'resnet', 'passes', 'host', 'compile']
+KEEP_FREED_MEMORY = ('glibc.malloc.mmap_threshold=4294967296:'
+                     'glibc.malloc.trim_threshold=4294967296')
 
 
 class AuthorsSN(nn.Module):
@@ -256,6 +259,9 @@ def summarize(rows, weights):
               f'{weighted(key, a, b):.2f} |')
     worst = max(r['SN']['mem'] for _, r in rows)
     print(f'| SN memory for backward / input (max) | {worst:.3f} | |')
+    return dict(sn_bn=med('fwdbwd', 'SN', 'BN'),
+                sn_gn_max=max((r['SN']['fwdbwd'] / r['GN']['fwdbwd'], shape)
+                              for shape, r in rows))
 
 
 def resnet50_steps(device, dtype, batch):
@@ -322,6 +328,7 @@ def bench_resnet50(args, device, timer):
     for label, t in (('training step', train), ('eval forward', evals)):
         print(f'| {label} | {t["BN"] * 1e3:.0f} | {t["SN"] * 1e3:.0f} | '
               f'{t["SN"] / t["BN"]:.3f} |')
+    return dict(train=train['SN'] / train['BN'], eval=evals['SN'] / evals['BN'])
 
 
 def bench_passes(args, timer):
@@ -415,6 +422,17 @@ def main():
     parser.add_argument('--skip-resnet', action='store_true')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch.set_num_threads (CPU)')
+    parser.add_argument('--sections', nargs='+', default=SECTIONS,
+                        choices=SECTIONS, help='what to run (CPU; default: '
+                        'all)')
+    parser.add_argument('--keep-allocator', action='store_true',
+                        help='do not re-run with glibc keeping freed memory')
+    host = parser.add_argument_group('host path (CPU)')
+    host.add_argument('--host-reps', type=int, default=21)
+    host.add_argument('--host-resnet-reps', type=int, default=15)
+    host.add_argument('--compile-batch', type=int, default=8)
+    host.add_argument('--compile-size', type=int, default=224)
+    host.add_argument('--compile-reps', type=int, default=7)
     cuda = parser.add_argument_group('GPU report (--device cuda)')
     cuda.add_argument('--gpu-report', action='store_true',
                       help='write the GPU report on any device (a dry run '
@@ -455,6 +473,13 @@ def main():
         return
     timer = Timer(device)
 
+    if device.type == 'cpu' and not args.keep_allocator and \
+            os.environ.get('GLIBC_TUNABLES') is None:
+        # Per-shape times of BN, GN and SN alike swing up to 2x from run to
+        # run when glibc hands large freed blocks back to the system (page
+        # faults at the next allocation): run again with them kept.
+        env = dict(os.environ, GLIBC_TUNABLES=KEEP_FREED_MEMORY)
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
     if args.quick:
         shapes = QUICK_SHAPES
         weights = [1] * len(shapes)
@@ -470,19 +495,72 @@ def main():
     kernels = ('compiled mmsn._C' if compiled else
                'PyTorch native (mmsn._C not built)'
                if device.type == 'cpu' else 'generic PyTorch ops')
+    allocator = os.environ.get('GLIBC_TUNABLES')
     print(f'## Norm layers, {name}, {str(args.dtype)[6:]}, torch '
           f'{torch.__version__}, {args.reps} interleaved repetitions; '
           f'SN kernels: {kernels}\n')
-    rows = []
-    for i, shape in enumerate(shapes, 1):
-        print(f'[{i}/{len(shapes)}] {shape}', file=sys.stderr, flush=True)
-        rows.append((shape, bench_shape(shape, args, device, timer)))
-    print_shape_tables(rows)
-    summarize(rows, weights)
-    if not args.skip_resnet:
-        bench_resnet50(args, device, timer)
-    if compiled and args.dtype == torch.float32:
+    if allocator == KEEP_FREED_MEMORY:
+        print('glibc keeps freed memory in the process (GLIBC_TUNABLES='
+              f'{allocator}, set by this script unless --keep-allocator), '
+              'so that large blocks are not mapped in again at every step.\n')
+    results = {}
+    if 'shapes' in args.sections:
+        rows = []
+        for i, shape in enumerate(shapes, 1):
+            print(f'[{i}/{len(shapes)}] {shape}', file=sys.stderr, flush=True)
+            rows.append((shape, bench_shape(shape, args, device, timer)))
+        print_shape_tables(rows)
+        results['shapes'] = summarize(rows, weights)
+    if 'resnet' in args.sections and not args.skip_resnet:
+        results['resnet'] = bench_resnet50(args, device, timer)
+    if 'passes' in args.sections and compiled and \
+            args.dtype == torch.float32:
         bench_passes(args, timer)
+    if device.type == 'cpu':
+        import benchmark_norm_host  # the sibling module
+        results.update(benchmark_norm_host.run(args))
+        print_targets(results)
+
+
+def print_targets(results):
+    """Issue 17's CPU targets against what this run measured."""
+    rows = []
+    if 'shapes' in results:
+        worst, shape = results['shapes']['sn_gn_max']
+        rows.append(('SN / GN(32) fwd+bwd, every shape (worst)', f'{worst:.2f} '
+                     f'at {shape}', 1.3, worst))
+        rows.append(('SN / BN fwd+bwd, median over shapes',
+                     f'{results["shapes"]["sn_bn"]:.2f}', 0.9,
+                     results['shapes']['sn_bn']))
+    if 'resnet' in results:
+        for key, target in (('train', 1.03), ('eval', 1.05)):
+            value = results['resnet'][key]
+            rows.append((f'ResNet-50 batch 8 {key} SN / BN', f'{value:.3f}',
+                         target, value))
+    if 'layers' in results:
+        for i, kind in enumerate(('training step', 'eval forward')):
+            worst = max(r[i] for r in results['layers'].values())
+            rows.append((f'host time per call / BN, {kind} (worst layer)',
+                         f'{worst:.2f}', 1.3, worst))
+    if 'host_resnet' in results:
+        for key, target in (('train', 1.05), ('eval', 1.20)):
+            t = results['host_resnet'][key]
+            for norm in ('SN', 'SSN'):
+                value = t[norm] / t['BN']
+                rows.append((f'host-bound ResNet-50 {key}, {norm} / BN',
+                             f'{value:.3f}', target, value))
+    if 'compile' in results:
+        c = results['compile']
+        for label in ('SN (plain ops)', 'SN (layer operators)'):
+            value = c[label]['train'] / c['BN']['train']
+            rows.append((f'compiled ResNet-50 step, {label} / BN',
+                         f'{value:.3f}', None, value))
+    print('\n### Targets (issue 17)\n')
+    print('| ratio | measured | target | met |')
+    print('|---|---|---|---|')
+    for label, shown, target, value in rows:
+        met = '' if target is None else ('yes' if value <= target else 'no')
+        print(f'| {label} | {shown} | {target or ""} | {met} |')
 
 
 if __name__ == '__main__':

@@ -222,6 +222,23 @@ class SparsestmaxShares
   }
 };
 
+// Whether autograd has anything to record for these inputs: otherwise the
+// operator runs without a graph node (an eval forward under no_grad, the
+// fills of SNBatchAverageHook).
+bool records(std::initializer_list<const at::Tensor*> tensors,
+             std::initializer_list<const OptTensor*> optional) {
+  if (!torch::autograd::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : tensors) {
+    if (t->requires_grad()) return true;
+  }
+  for (const OptTensor* t : optional) {
+    if (t->has_value() && (*t)->defined() && (*t)->requires_grad()) {
+      return true;
+    }
+  }
+  return false;
+}
+
 Tensors3 switchable_norm_train_autograd(
     const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
     const at::Tensor& mean_weight, const at::Tensor& var_weight,
@@ -229,6 +246,19 @@ Tensors3 switchable_norm_train_autograd(
     const OptTensor& num_batches_tracked, const OptTensor& nonfinite,
     bool softmax, std::optional<double> momentum, bool moving_average,
     double eps, bool unbiased, bool update_stats) {
+  if (!records({&x, &mean_weight, &var_weight}, {&weight, &bias})) {
+    Tensors3 out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = train_op().call(x, weight, bias, mean_weight, var_weight,
+                            running_mean, running_var, num_batches_tracked,
+                            nonfinite, softmax, momentum, moving_average, eps,
+                            unbiased, update_stats);
+    }
+    bump_versions({&running_mean, &running_var, &num_batches_tracked,
+                   &nonfinite});
+    return out;
+  }
   const auto out = SwitchableNormTrain::apply(
       x, weight, bias, mean_weight, var_weight, running_mean, running_var,
       num_batches_tracked, nonfinite, softmax, momentum, moving_average, eps,
@@ -241,6 +271,17 @@ Tensors3 switchable_norm_eval_autograd(
     const at::Tensor& mean_weight, const at::Tensor& var_weight,
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& nonfinite, bool softmax, double eps, bool unbiased) {
+  if (!records({&x, &mean_weight, &var_weight}, {&weight, &bias})) {
+    Tensors3 out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = eval_op().call(x, weight, bias, mean_weight, var_weight,
+                           running_mean, running_var, nonfinite, softmax, eps,
+                           unbiased);
+    }
+    bump_versions({&nonfinite});
+    return out;
+  }
   const auto out = SwitchableNormEval::apply(
       x, weight, bias, mean_weight, var_weight, running_mean, running_var,
       nonfinite, softmax, eps, unbiased);
@@ -252,6 +293,11 @@ Tensors3 sparsestmax_shares_autograd(const at::Tensor& mean_weight,
                                      const at::Tensor& radius,
                                      const at::Tensor& mean_fixed,
                                      const at::Tensor& var_fixed) {
+  if (!records({&mean_weight, &var_weight}, {})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return shares_op().call(mean_weight, var_weight, radius, mean_fixed,
+                            var_fixed);
+  }
   const auto out = SparsestmaxShares::apply(mean_weight, var_weight, radius,
                                             mean_fixed, var_fixed);
   return {out[0], out[1], out[2]};
