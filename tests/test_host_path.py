@@ -173,7 +173,7 @@ def test_no_graph_breaks(name, norm, train):
             y.square().mean().backward()
         return y
 
-    breaks, reasons = graph_breaks(step if not train else net, x)
+    breaks, reasons = graph_breaks(step if not train else net, (x, ))
     assert breaks == 0, reasons
 
 

@@ -264,7 +264,7 @@ def test_the_patch_mechanism_imports_none_of_its_patches():
             if m.startswith('.') or m.split('.')[0] == 'mmsn'] == []
     first = patching.available_patches()[0]
     with pytest.raises(ValueError, match=repr(first.name)):
-        patching.register_patches(first)
+        patching.register_patches([first])
     assert patching.available_patches().count(first) == 1
 
 

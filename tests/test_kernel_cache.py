@@ -12,6 +12,7 @@ they compile twice (about 20 s each on 2 idle cores).
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -46,14 +47,24 @@ print('COMPILED' if compiled_kernels_available() else 'FELL BACK')
 
 
 def run_sn(cache, **env):
+    # a copy of the package without a mmsn._C built at install (an editable
+    # install has one): the kernels must come from the cache under test
+    package = Path(cache) / 'package'
+    if not package.exists():
+        for name in ('mmsn', 'mmsn_runtime'):
+            shutil.copytree(REPO / name, package / name,
+                            ignore=shutil.ignore_patterns(
+                                '_C*', '__pycache__', '.mim'))
     full_env = dict(os.environ, MMSN_CACHE=str(cache),
-                    PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / 'tests')]),
+                    PYTHONPATH=os.pathsep.join([str(package),
+                                                str(REPO / 'tests')]),
                     **env)
     full_env.pop('MMSN_WITH_OPS', None)
     full_env.pop('MMSN_SN_PATH', None)
+    # cwd: `python -c` puts it first on sys.path (the checkout's own mmsn)
     proc = subprocess.run([sys.executable, '-W', 'always', '-c', SN_FORWARD],
                           env=full_env, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, cwd=str(cache))
     # a signal (SIGBUS: -7) is what a damaged library used to give
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     return proc.stdout.strip(), proc.stderr

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from mmsn import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
-                  SyncSwitchableNorm)
+from mmsn import (SparseSwitchableNorm2d, SwitchableNorm1d, SwitchableNorm2d,
+                  SwitchableNorm3d, SyncSwitchableNorm)
+from mmsn.ops import backends
 from sn_reference import batch_stats, reference_sn
 
 C = 6
@@ -286,6 +287,66 @@ def test_wrong_number_of_dimensions_is_a_clear_error(cls, bad_shape,
 def test_wrong_number_of_channels_is_a_clear_error():
     with pytest.raises(ValueError, match='built for 6 channels.*5 channels'):
         SwitchableNorm2d(C)(torch.randn(2, 5, 3, 3))
+
+
+NON_FLOAT_INPUTS = {
+    'int64': lambda shape: torch.randint(0, 5, shape),
+    'uint8': lambda shape: torch.randint(0, 255, shape, dtype=torch.uint8),
+    'bool': lambda shape: torch.rand(shape) > 0.5,
+    'complex64': lambda shape: torch.randn(shape, dtype=torch.complex64),
+}
+
+
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('kind', list(NON_FLOAT_INPUTS))
+@pytest.mark.parametrize('cls,shape', [
+    (SwitchableNorm1d, (4, C)), (SwitchableNorm2d, (4, C, 3, 3)),
+    (SwitchableNorm3d, (2, C, 2, 2, 2)), (SyncSwitchableNorm, (4, C, 3, 3)),
+    (SparseSwitchableNorm2d, (4, C, 3, 3))
+], ids=lambda v: getattr(v, '__name__', None))
+def test_non_float_input_is_refused_naming_its_dtype(cls, shape, kind,
+                                                     training):
+    """As BatchNorm refuses it: an integer input would be normalized into
+    {-1, 0, 1} and move the running statistics, uint8 wrap around, complex
+    lose its imaginary part. Nothing changes."""
+    layer = cls(C).train(training)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = NON_FLOAT_INPUTS[kind](shape)
+    with pytest.raises(TypeError) as raised:
+        layer(x)
+    assert str(raised.value) == (f'{cls.__name__} expects a floating-point '
+                                 f'input, got {x.dtype}')
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize('path', ['', 'native', 'generic', 'composite'])
+@pytest.mark.parametrize('value', [1e4, -3.5, 0.0])
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+def test_constant_input_gives_beta_exactly(value, training, path):
+    """Equal IN, LN and BN statistics give exactly that statistic although
+    the float32 softmax shares do not sum to 1, so x - mean is exactly 0:
+    the output is beta and gamma's gradient 0, exactly (the layer
+    operators, each Python path and the traced one)."""
+    layer = make_layer(SwitchableNorm2d, dtype=torch.float32)
+    if not training:  # running statistics equal to the input's
+        layer.running_mean.fill_(value)
+        layer.running_var.zero_()
+    layer.train(training)
+    x = torch.full((3, C, 3, 3), value, requires_grad=True)
+    grad = torch.randn(x.shape)
+    with backends.forced(path):
+        y = layer(x)
+        (y * grad).sum().backward()
+    torch.testing.assert_close(
+        y, layer.bias.detach().view(1, C, 1, 1).expand_as(y), rtol=0, atol=0)
+    assert torch.equal(layer.weight.grad, torch.zeros(C))
+    # and the input gradient is that of a zero-mean input: a path that
+    # folds the mean into a constant loses it at the scale of 1e4
+    x0 = torch.full_like(x, 0.0, requires_grad=True)
+    with backends.forced(path):
+        (layer(x0) * grad).sum().backward()
+    torch.testing.assert_close(x.grad, x0.grad, rtol=1e-5, atol=1e-5)
 
 
 # Every row: constructor arguments -> the exact error (the message names the

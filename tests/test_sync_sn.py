@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _dist import run_processes
+from mmsn.analysis.host_path import HOST_SYNC, count_dispatch
 from mmsn import (SwitchableNorm1d, SwitchableNorm2d, SwitchableNorm3d,
                   SyncSwitchableNorm)
 from test_switchable_norm import C, make_input, make_layer
@@ -136,6 +137,25 @@ def _session(rank, world, out_dir):
             x, _ = joined_batch(UNEQUAL[world], SHAPES['4d'][0], seed=20)
             results[f'empty/{mode}/eval'] = layer(
                 part(x, UNEQUAL[world], rank)).detach()
+
+        # a NaN on the last process only: it is told about its input, the
+        # others (an empty one among them) about the pooled statistics; a
+        # step reads nothing back to the host
+        sizes = WITH_EMPTY[world]
+        layer = make_layer(SyncSwitchableNorm)
+        x, g = joined_batch(sizes, SHAPES['4d'][0], seed=50)
+        x[sum(sizes[:-1])] = float('nan')
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        with warnings.catch_warnings(record=True) as nan_caught:
+            warnings.simplefilter('always')
+            xr = part(x, sizes, rank).detach().requires_grad_()
+            ops = count_dispatch(
+                lambda: layer(xr).backward(part(g, sizes, rank)))
+        results['nan'] = dict(
+            warnings=[str(w.message) for w in nan_caught],
+            nonfinite=layer.nonfinite.tolist(), syncs=ops[HOST_SYNC],
+            kept=all(torch.equal(v, layer.state_dict()[k])
+                     for k, v in before.items()))
 
         # nobody has a sample: nothing to pool, nothing to warn about
         layer = make_layer(SyncSwitchableNorm)
@@ -344,6 +364,28 @@ def test_multi_process_training_equals_single_process(session):
     for key, value in model.state_dict().items():
         for r in ranks:
             torch.testing.assert_close(r['train/state'][key], value)
+
+
+def test_non_finite_elsewhere_is_reported_as_such_without_a_sync(session):
+    world, ranks = session
+    nan_rank = world - 1
+    for rank, r in enumerate(ranks):
+        result = r['nan']
+        assert result['syncs'] == 0
+        assert result['kept']  # running statistics, num_batches_tracked
+        if rank == nan_rank:
+            expected = ('SyncSwitchableNorm: non-finite batch statistics '
+                        '(NaN or Inf in the input); running statistics keep '
+                        'their last value.')
+            assert result['nonfinite'] == [1, 0, 0, 0]
+        else:
+            expected = ('SyncSwitchableNorm: non-finite batch statistics '
+                        'pooled across processes (this process\'s input is '
+                        'finite or empty: NaN or Inf in another process\'s '
+                        'input, or statistics that overflowed); running '
+                        'statistics keep their last value.')
+            assert result['nonfinite'] == [0, 0, 0, 1]
+        assert result['warnings'] == [expected], (rank, result)
 
 
 def test_no_deprecated_collective_warning(session):

@@ -93,7 +93,7 @@ def host_times(calls: Dict[str, Callable[[], None]], reps: int = 21,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def graph_breaks(fn: Callable, *args) -> Tuple[int, List[str]]:
+def graph_breaks(fn: Callable, args: tuple) -> Tuple[int, List[str]]:
     """Graph breaks ``torch.compile`` would make in ``fn(*args)``, and their
     reasons."""
     import torch._dynamo

@@ -6,7 +6,7 @@ from .patches import (ENV_VAR, apply_patches, applied_patches,
 
 # The patch mechanism knows no patch; the modules that define them are
 # wired in here, in the order they are applied.
-register_patches(*compat.PATCHES, *checkpoint.PATCHES)
+register_patches([*compat.PATCHES, *checkpoint.PATCHES])
 
 __all__ = [
     'ENV_VAR', 'apply_patches', 'applied_patches', 'available_patches',

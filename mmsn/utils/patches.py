@@ -83,7 +83,7 @@ def replace(owner, attr: str, patched) -> Replacement:
 _registered: List[Patch] = []
 
 
-def register_patches(*patches: Patch) -> None:
+def register_patches(patches: Iterable[Patch]) -> None:
     """Add patches to those :func:`available_patches` lists, in order (the
     modules that define patches are wired in by :mod:`mmsn.utils`)."""
     known = {p.name for p in _registered}

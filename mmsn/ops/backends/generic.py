@@ -32,16 +32,18 @@ class GenericBackend(RowBackend):
         var_in, mean_in = torch.var_mean(x3, dim=2, correction=correction)
         return mean_in, var_in, None
 
+    # Both maps act on x - mean_in (as the compiled kernels do): folding
+    # the mean into the constant (x * scale - mean_in * scale) would cancel
+    # at the scale of the mean, losing a large-mean input's deviations (and
+    # a constant input's exact zero).
     def rows_affine(self, x3, scratch, mean_in, scale, shift):
-        return torch.addcmul((shift - mean_in * scale).unsqueeze(-1), x3,
-                             scale.unsqueeze(-1),
-                             out=torch.empty_like(x3))
+        y = torch.sub(x3, mean_in.unsqueeze(-1), out=torch.empty_like(x3))
+        return y.mul_(scale.unsqueeze(-1)).add_(shift.unsqueeze(-1))
 
     def rows_grad_sums(self, dy, x3, mean_in):
         return rows_grad_sums_by_batch_norm(dy, x3, mean_in)
 
     def rows_grad_input(self, dy, x3, mean_in, a, b, k):
-        const = torch.addcmul(k, b, mean_in, value=-1)
-        dx = torch.addcmul(const.unsqueeze(-1), x3, b.unsqueeze(-1),
-                           out=torch.empty_like(x3))
+        dx = torch.sub(x3, mean_in.unsqueeze(-1), out=torch.empty_like(x3))
+        dx.mul_(b.unsqueeze(-1)).add_(k.unsqueeze(-1))
         return dx.addcmul_(dy, a.unsqueeze(-1))

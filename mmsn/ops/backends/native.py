@@ -6,7 +6,7 @@ import torch
 
 from ..statistics import serial_small_ops
 from .base import RowBackend
-from .generic import rows_grad_sums_by_batch_norm
+from .generic import GenericBackend, rows_grad_sums_by_batch_norm
 
 _aten = torch.ops.aten
 
@@ -62,12 +62,6 @@ class NativeBackend(RowBackend):
         return rows_grad_sums_by_batch_norm(dy, x3, mean_in)
 
     def rows_grad_input(self, dy, x3, mean_in, a, b, k):
-        n, c, length = x3.shape
-        rows = n * c
-        const = torch.addcmul(k, b, mean_in, value=-1)
-        ones, zeros = _ones_zeros(rows, x3)
-        dx = _aten.native_batch_norm(dy.view(1, rows, length),
-                                     a.reshape(rows), const.reshape(rows),
-                                     zeros, ones, False, 0.0, 0.0)[0]
-        return dx.addcmul_(x3.view(1, rows, length),
-                           b.reshape(1, rows, 1)).view(n, c, length)
+        # on x - mean_in, as GenericBackend: b * x - b * mean_in would cancel
+        # at the scale of a large mean
+        return GenericBackend.rows_grad_input(self, dy, x3, mean_in, a, b, k)
