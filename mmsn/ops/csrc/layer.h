@@ -168,6 +168,7 @@ LayerGrads backward_rows(const at::Tensor& dy, const at::Tensor& x,
     const int64_t stride = 4 * c + 6;
     std::vector<double> partial(blocks * stride, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
+      RowGradsBlock g(c);
       for (int64_t k = kb; k < ke; ++k) {
         double* gm_col = &partial[k * stride];
         double* gv_col = gm_col + c;
@@ -175,19 +176,24 @@ LayerGrads backward_rows(const at::Tensor& dy, const at::Tensor& x,
         double* db = dg + c;
         double* gp = db + c;  // gp_mean[0..2], gp_var[0..2]
         for (int64_t i = n * k / blocks; i < n * (k + 1) / blocks; ++i) {
-          double gm = 0, gv = 0;
+          row_grads_block(mix, i, 0, c, dot, sum_dy, &g);
+          const scalar_t* s = sum_dy + i * c;
+          const scalar_t* m = mix.mean_in + i * c;
+          const scalar_t* v = mix.var_in + i * c;
+          double gm = 0, gv = 0, gp_in = 0, gp_var_in = 0;
+          _Pragma("omp simd reduction(+ : gm, gv, gp_in, gp_var_in)")
           for (int64_t j = 0; j < c; ++j) {
-            const int64_t r = i * c + j;
-            const RowGrads g = row_grads(mix, i, j, dot[r], sum_dy[r]);
-            dg[j] += g.grad_centered * g.rstd;
-            db[j] += sum_dy[r];
-            gm += g.neg_grad_mean;
-            gv += g.grad_var;
-            gm_col[j] += g.neg_grad_mean;
-            gv_col[j] += g.grad_var;
-            gp[0] += g.neg_grad_mean * mix.mean_in[r];
-            gp[3] += g.grad_var * mix.var_in[r];
+            dg[j] += g.grad_centered[j] * g.rstd[j];
+            db[j] += s[j];
+            gm += g.neg_grad_mean[j];
+            gv += g.grad_var[j];
+            gm_col[j] += g.neg_grad_mean[j];
+            gv_col[j] += g.grad_var[j];
+            gp_in += g.neg_grad_mean[j] * m[j];
+            gp_var_in += g.grad_var[j] * v[j];
           }
+          gp[0] += gp_in;
+          gp[3] += gp_var_in;
           gm_row[i] = gm;
           gv_row[i] = gv;
           gp[1] += gm * mix.ln_mean[i];
@@ -232,26 +238,34 @@ LayerGrads backward_rows(const at::Tensor& dy, const at::Tensor& x,
     const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
     scalar_t* pdx = out.dx.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n * c, row_grain(length), [&](int64_t b, int64_t e) {
-      for (int64_t r = b, i = b / c, j = b % c; r < e; ++r, ++j) {
-        if (j == c) j = 0, ++i;  // (i, j) = divmod(r, c), without dividing
-        const RowGrads g = row_grads(mix, i, j, dot[r], sum_dy[r]);
+      RowGradsBlock g(c);
+      std::vector<scalar_t> coef_a(c), coef_b(c), coef_k(c);
+      for (int64_t r = b; r < e;) {
+        const int64_t i = r / c, j0 = r % c, j1 = std::min(c, j0 + (e - r));
+        row_grads_block(mix, i, j0, j1, dot, sum_dy, &g);
         const double gv_ln = gv_row[i] * mix.u[1] / c;
-        const double mean_r = mix.mean_in[r];
-        double grad_mean_in =
-            -(gm_row[i] * mix.w[1] / c + mix.w[0] * g.neg_grad_mean) +
-            2.0 * (mean_r - mix.ln_mean[i]) * gv_ln;
-        double grad_var_in = gv_ln + mix.u[0] * g.grad_var;
-        if (pooled_grad) {
-          const double gv_bn = gv_col[j] * mix.u[2] / n;
-          grad_mean_in += -gm_col[j] * mix.w[2] / n +
-                          2.0 * (mean_r - mix.bn_mean[j]) * gv_bn;
-          grad_var_in += gv_bn;
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t k = j - j0;
+          const double mean_r = mix.mean_in[i * c + j];
+          double grad_mean_in =
+              -(gm_row[i] * mix.w[1] / c + mix.w[0] * g.neg_grad_mean[k]) +
+              2.0 * (mean_r - mix.ln_mean[i]) * gv_ln;
+          double grad_var_in = gv_ln + mix.u[0] * g.grad_var[k];
+          if (pooled_grad) {
+            const double gv_bn = gv_col[j] * mix.u[2] / n;
+            grad_mean_in += -gm_col[j] * mix.w[2] / n +
+                            2.0 * (mean_r - mix.bn_mean[j]) * gv_bn;
+            grad_var_in += gv_bn;
+          }
+          coef_a[k] = static_cast<scalar_t>(g.scale[k]);
+          coef_b[k] = static_cast<scalar_t>(grad_var_in * dvar_dx);
+          coef_k[k] = static_cast<scalar_t>(grad_mean_in / length);
         }
-        row_grad_input(pdy + r * length, px + r * length, pdx + r * length,
-                       length, mix.mean_in[r],
-                       static_cast<scalar_t>(g.scale),
-                       static_cast<scalar_t>(grad_var_in * dvar_dx),
-                       static_cast<scalar_t>(grad_mean_in / length));
+        rows_grad_input_block(pdy + r * length, px + r * length,
+                              pdx + r * length, j1 - j0, length,
+                              mix.mean_in + r, coef_a.data(), coef_b.data(),
+                              coef_k.data());
+        r += j1 - j0;
       }
     });
   });

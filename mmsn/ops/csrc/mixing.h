@@ -108,6 +108,11 @@ struct Mixing {
   double eps;
   // what pooling the BN statistics found (kPooled only)
   bool input_finite = true, batch_finite = true;
+  // the same, laid out for the per-sample loops over channels (which the
+  // compiler vectorizes): gamma or ones, BN statistics or zeros with a
+  // zero share
+  std::vector<double> gamma_or_one, bn_mean_or_zero, bn_var_or_zero;
+  double w_ln, w_bn, u_ln, u_bn;
 
   Mixing(const at::Tensor& mean_in_, const at::Tensor& var_in_,
          const std::optional<at::Tensor>& weight, std::vector<double> w_,
@@ -140,6 +145,13 @@ struct Mixing {
       pool_batch_stats();
     }
     gamma = per_channel(weight, c, "weight");
+    gamma_or_one = gamma.empty() ? std::vector<double>(c, 1.0) : gamma;
+    bn_mean_or_zero = has_bn() ? bn_mean : std::vector<double>(c, 0.0);
+    bn_var_or_zero = has_bn() ? bn_var : std::vector<double>(c, 0.0);
+    w_ln = w[1];
+    u_ln = u[1];
+    w_bn = has_bn() ? w[2] : 0.0;
+    u_bn = has_bn() ? u[2] : 0.0;
     if (layer_stats_now) {
       for (int64_t i = 0; i < n; ++i) layer_stats(i);
     }
@@ -205,6 +217,35 @@ struct Mixing {
                                  has_bn() ? bn_var[j] : 0.0) +
                            eps);
   }
+  // For the channels [j0, j1) of sample i: the mixed mean and 1 / sqrt(
+  // mixed variance + eps), as mixed_mean and rstd give them, in one loop
+  // the compiler vectorizes (on short rows the per-row arithmetic costs as
+  // much as the row). Rows where a statistic is infinite are redone one by
+  // one (inf - inf: the plain sum).
+  void mixed_block(int64_t i, int64_t j0, int64_t j1, double* mean,
+                   double* rstd_out) const {
+    const T* m = mean_in + i * c;
+    const T* v = var_in + i * c;
+    const double lm = ln_mean[i], lv = ln_var[i];
+    const double* bm = bn_mean_or_zero.data();
+    const double* bv = bn_var_or_zero.data();
+    bool nan = false;
+    _Pragma("omp simd reduction(| : nan)")
+    for (int64_t j = j0; j < j1; ++j) {
+      const double mi = m[j], vi = v[j];
+      const double mm = mi + w_ln * (lm - mi) + w_bn * (bm[j] - mi);
+      const double vv = vi + u_ln * (lv - vi) + u_bn * (bv[j] - vi);
+      mean[j - j0] = mm;
+      rstd_out[j - j0] = 1.0 / std::sqrt(vv + eps);
+      nan |= std::isnan(mm) | std::isnan(vv);
+    }
+    if (!nan) return;
+    for (int64_t j = j0; j < j1; ++j) {
+      mean[j - j0] = mixed_mean(i, j);
+      rstd_out[j - j0] = rstd(i, j);
+    }
+  }
+
   // in + s1 (ln - in) + s2 (bn - in); where a statistic is infinite
   // (inf - inf) the plain sum of the given shares stands.
   double mixed(const std::vector<double>& s, double in, double ln,
@@ -219,39 +260,61 @@ struct Mixing {
 };
 
 // y = (x - mean_in) * scale + shift for rows [b, e), with the per-row scale
-// and shift of the mixed statistics.
+// and shift of the mixed statistics, computed a sample's channels at a time.
 template <typename T>
 void normalize_rows(const Mixing<T>& mix, const std::vector<double>& beta,
                     const T* x, T* y, int64_t b, int64_t e, int64_t length) {
   const int64_t c = mix.c;
-  for (int64_t r = b, i = b / c, j = b % c; r < e; ++r, ++j) {
-    if (j == c) j = 0, ++i;  // (i, j) = divmod(r, c), without dividing
-    const double scale = mix.g(j) * mix.rstd(i, j);
-    const double shift = (mix.mean_in[r] - mix.mixed_mean(i, j)) * scale +
-                         (beta.empty() ? 0.0 : beta[j]);
-    row_affine(x + r * length, y + r * length, length, mix.mean_in[r],
-               static_cast<T>(scale), static_cast<T>(shift));
+  std::vector<double> mean(c), rstd(c);
+  std::vector<T> scale(c), shift(c);
+  for (int64_t r = b; r < e;) {
+    const int64_t i = r / c, j0 = r % c, j1 = std::min(c, j0 + (e - r));
+    mix.mixed_block(i, j0, j1, mean.data(), rstd.data());
+    const T* m = mix.mean_in + i * c;
+    const double* gamma = mix.gamma_or_one.data();
+    for (int64_t j = j0; j < j1; ++j) {
+      const double sc = gamma[j] * rstd[j - j0];
+      scale[j - j0] = static_cast<T>(sc);
+      shift[j - j0] = static_cast<T>((m[j] - mean[j - j0]) * sc +
+                                     (beta.empty() ? 0.0 : beta[j]));
+    }
+    rows_affine_block(x + r * length, y + r * length, j1 - j0, length,
+                      mix.mean_in + r, scale.data(), shift.data());
+    r += j1 - j0;
   }
 }
 
 // Per-row gradients of y = (x - mean) * scale + beta, scale = gamma * rstd,
-// with respect to the mixed mean (negated) and the mixed variance + eps.
-struct RowGrads {
-  double rstd, scale, neg_grad_mean, grad_var, grad_centered;
+// with respect to the mixed mean (negated) and the mixed variance + eps, for
+// the channels [j0, j1) of sample i (arrays indexed j - j0), from the
+// per-row sums of the backward.
+struct RowGradsBlock {
+  std::vector<double> mean, rstd, scale, neg_grad_mean, grad_var,
+      grad_centered;
+  explicit RowGradsBlock(int64_t c)
+      : mean(c), rstd(c), scale(c), neg_grad_mean(c), grad_var(c),
+        grad_centered(c) {}
 };
 
 template <typename T>
-RowGrads row_grads(const Mixing<T>& mix, int64_t i, int64_t j, double dot,
-                   double sum_dy) {
-  RowGrads g;
-  g.rstd = mix.rstd(i, j);
-  g.scale = mix.g(j) * g.rstd;
-  g.grad_centered =
-      dot + (mix.mean_in[i * mix.c + j] - mix.mixed_mean(i, j)) * sum_dy;
-  g.neg_grad_mean = g.scale * sum_dy;
-  // d rsqrt(v) / dv = -rstd^3 / 2
-  g.grad_var = -0.5 * g.grad_centered * g.scale * g.rstd * g.rstd;
-  return g;
+void row_grads_block(const Mixing<T>& mix, int64_t i, int64_t j0, int64_t j1,
+                     const T* dot, const T* sum_dy, RowGradsBlock* g) {
+  mix.mixed_block(i, j0, j1, g->mean.data(), g->rstd.data());
+  const T* m = mix.mean_in + i * mix.c;
+  const T* d = dot + i * mix.c;
+  const T* s = sum_dy + i * mix.c;
+  const double* gamma = mix.gamma_or_one.data();
+  _Pragma("omp simd")
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t k = j - j0;
+    const double rstd = g->rstd[k], scale = gamma[j] * rstd;
+    const double centered = d[j] + (m[j] - g->mean[k]) * s[j];
+    g->scale[k] = scale;
+    g->grad_centered[k] = centered;
+    g->neg_grad_mean[k] = scale * s[j];
+    // d rsqrt(v) / dv = -rstd^3 / 2
+    g->grad_var[k] = -0.5 * centered * scale * rstd * rstd;
+  }
 }
 
 }  // namespace

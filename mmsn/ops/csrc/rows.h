@@ -40,42 +40,63 @@ int64_t row_grain(int64_t length) {
   return std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, length));
 }
 
+// Each kernel takes a block of consecutive rows (short rows would cost a
+// call each otherwise) of n elements, with per-row operands in arrays. Sums
+// accumulate in double.
 #define MMSN_ROW_KERNELS(T)                                                   \
-  MMSN_MULTIVERSION void row_moments(const T* x, int64_t n, double* mean,     \
-                                     double* m2) {                            \
-    /* One pass around a pivot taken from the row: the cancellation in   */ \
-    /* m2 = sum(d^2) - sum(d)^2 / n is at most a factor n, since          */ \
-    /* (x[0] - mean)^2 <= m2, which double precision absorbs.             */ \
-    const T pivot = x[0];                                                     \
-    double s = 0, q = 0;                                                      \
-    _Pragma("omp simd reduction(+ : s, q)") for (int64_t i = 0; i < n; ++i) { \
-      const double d = static_cast<double>(x[i] - pivot);                     \
-      s += d;                                                                 \
-      q += d * d;                                                             \
-    }                                                                         \
-    *mean = pivot + s / n;                                                    \
-    *m2 = std::max(q - s * s / n, 0.0);                                       \
-  }                                                                           \
-  MMSN_MULTIVERSION void row_affine(const T* x, T* y, int64_t n, T mean,      \
-                                    T scale, T shift) {                       \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                     \
-      y[i] = (x[i] - mean) * scale + shift;                                   \
+  /* IN mean and variance in one pass around a pivot taken from the row: */  \
+  /* the cancellation in m2 = sum(d^2) - sum(d)^2 / n is at most a factor */ \
+  /* n, since (x[0] - mean)^2 <= m2, which double precision absorbs.      */ \
+  MMSN_MULTIVERSION void rows_moments_block(const T* x, int64_t rows,         \
+                                            int64_t n, double dof, T* mean,   \
+                                            T* var) {                         \
+    for (int64_t r = 0; r < rows; ++r, x += n) {                              \
+      const T pivot = x[0];                                                   \
+      double s = 0, q = 0;                                                    \
+      _Pragma("omp simd reduction(+ : s, q)")                                 \
+      for (int64_t i = 0; i < n; ++i) {                                       \
+        const double d = static_cast<double>(x[i] - pivot);                   \
+        s += d;                                                               \
+        q += d * d;                                                           \
+      }                                                                       \
+      mean[r] = static_cast<T>(pivot + s / n);                                \
+      var[r] = static_cast<T>(std::max(q - s * s / n, 0.0) / dof);            \
     }                                                                         \
   }                                                                           \
-  MMSN_MULTIVERSION void row_grad_sums(const T* dy, const T* x, int64_t n,    \
-                                       T mean, double* dot, double* sum) {    \
-    double s = 0, p = 0;                                                      \
-    _Pragma("omp simd reduction(+ : s, p)") for (int64_t i = 0; i < n; ++i) { \
-      s += dy[i];                                                             \
-      p += static_cast<double>(dy[i] * (x[i] - mean));                        \
+  MMSN_MULTIVERSION void rows_affine_block(const T* x, T* y, int64_t rows,    \
+                                           int64_t n, const T* mean,          \
+                                           const T* scale, const T* shift) {  \
+    for (int64_t r = 0; r < rows; ++r, x += n, y += n) {                      \
+      const T m = mean[r], a = scale[r], c = shift[r];                        \
+      _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                   \
+        y[i] = (x[i] - m) * a + c;                                            \
+      }                                                                       \
     }                                                                         \
-    *dot = p;                                                                 \
-    *sum = s;                                                                 \
   }                                                                           \
-  MMSN_MULTIVERSION void row_grad_input(const T* dy, const T* x, T* dx,       \
-                                        int64_t n, T mean, T a, T b, T k) {   \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                     \
-      dx[i] = a * dy[i] + b * (x[i] - mean) + k;                              \
+  MMSN_MULTIVERSION void rows_grad_sums_block(const T* dy, const T* x,        \
+                                              int64_t rows, int64_t n,        \
+                                              const T* mean, T* dot,          \
+                                              T* sum) {                       \
+    for (int64_t r = 0; r < rows; ++r, x += n, dy += n) {                     \
+      const T m = mean[r];                                                    \
+      double s = 0, p = 0;                                                    \
+      _Pragma("omp simd reduction(+ : s, p)")                                 \
+      for (int64_t i = 0; i < n; ++i) {                                       \
+        s += dy[i];                                                           \
+        p += static_cast<double>(dy[i] * (x[i] - m));                         \
+      }                                                                       \
+      dot[r] = static_cast<T>(p);                                             \
+      sum[r] = static_cast<T>(s);                                             \
+    }                                                                         \
+  }                                                                           \
+  MMSN_MULTIVERSION void rows_grad_input_block(                               \
+      const T* dy, const T* x, T* dx, int64_t rows, int64_t n, const T* mean, \
+      const T* a, const T* b, const T* k) {                                   \
+    for (int64_t r = 0; r < rows; ++r, x += n, dy += n, dx += n) {            \
+      const T m = mean[r], ar = a[r], br = b[r], kr = k[r];                   \
+      _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                   \
+        dx[i] = ar * dy[i] + br * (x[i] - m) + kr;                            \
+      }                                                                       \
     }                                                                         \
   }
 
@@ -86,13 +107,9 @@ MMSN_ROW_KERNELS(double)
 template <typename T>
 void moments_of_rows(const T* x, T* mean, T* var, int64_t b, int64_t e,
                      int64_t length, int64_t correction) {
-  const double dof = static_cast<double>(length - correction);
-  for (int64_t r = b; r < e; ++r) {
-    double m, m2;
-    row_moments(x + r * length, length, &m, &m2);
-    mean[r] = static_cast<T>(m);
-    var[r] = static_cast<T>(m2 / dof);
-  }
+  rows_moments_block(x + b * length, e - b, length,
+                     static_cast<double>(length - correction), mean + b,
+                     var + b);
 }
 
 void check_rows(const at::Tensor& x, const char* name) {
@@ -154,10 +171,8 @@ at::Tensor rows_affine(const at::Tensor& x, const at::Tensor& mean,
     const scalar_t* pb = shift.const_data_ptr<scalar_t>();
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        row_affine(px + r * length, py + r * length, length, pm[r], ps[r],
-                   pb[r]);
-      }
+      rows_affine_block(px + b * length, py + b * length, e - b, length,
+                        pm + b, ps + b, pb + b);
     });
   });
   return y;
@@ -179,13 +194,8 @@ std::tuple<at::Tensor, at::Tensor> rows_grad_sums(const at::Tensor& dy,
     scalar_t* pdot = dot.mutable_data_ptr<scalar_t>();
     scalar_t* psum = sum.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(length), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        double d, s;
-        row_grad_sums(pdy + r * length, px + r * length, length, pm[r], &d,
-                      &s);
-        pdot[r] = static_cast<scalar_t>(d);
-        psum[r] = static_cast<scalar_t>(s);
-      }
+      rows_grad_sums_block(pdy + b * length, px + b * length, e - b, length,
+                           pm + b, pdot + b, psum + b);
     });
   });
   return {dot, sum};
@@ -210,10 +220,9 @@ at::Tensor rows_grad_input(const at::Tensor& dy, const at::Tensor& x,
     const scalar_t* pk = k.const_data_ptr<scalar_t>();
     scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(length), [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        row_grad_input(pdy + r * length, px + r * length, pdx + r * length,
-                       length, pm[r], pa[r], pb[r], pk[r]);
-      }
+      rows_grad_input_block(pdy + lo * length, px + lo * length,
+                            pdx + lo * length, hi - lo, length, pm + lo,
+                            pa + lo, pb + lo, pk + lo);
     });
   });
   return dx;
