@@ -1,8 +1,8 @@
 """mmsn: Switchable Normalization for OpenMMLab.
 
 Importing the package (e.g. via ``custom_imports=dict(imports=['mmsn'])``)
-registers the SN and SSN layers in MMEngine's root ``MODELS`` registry and the hooks
-in ``HOOKS`` (see :mod:`mmsn.registry`), and applies the patches of
+registers the SN and SSN layers in MMEngine's root ``MODELS`` registry and
+the hooks in ``HOOKS`` (see :mod:`mmsn.registry`), and applies the patches of
 :mod:`mmsn.utils.patches` that make mmengine/mmcv's BN-only helpers and
 checkpoint loading work with SN (``MMSN_NO_PATCHES=1`` leaves them out).
 """

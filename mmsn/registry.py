@@ -6,7 +6,8 @@
   (:mod:`mmsn.models.norms`).
 * Hooks (``SNBatchAverageHook``, ``SNImportanceLoggerHook``,
   ``RNGStateHook``, ``SSNRadiusHook``): the root ``HOOKS``, and the optimizer
-  wrapper constructor ``GroupClipOptimWrapperConstructor`` (:mod:`mmsn.engine`).
+  wrapper constructor ``GroupClipOptimWrapperConstructor``
+  (:mod:`mmsn.engine`).
 * ``PreActResNet``, ``DropoutLinearClsHead``, ``ResNetStemPool``, the
   ``SklearnDigits`` dataset and the ``ToGrayscale`` transform build on
   mmpretrain or mmcv and live in mmpretrain's registries; importing

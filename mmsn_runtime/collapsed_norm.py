@@ -189,8 +189,8 @@ def expose_batch_norms(model: nn.Module) -> nn.Module:
     """
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, CollapsedNorm) and child.picks == ('BN',
-                                                                   'BN'):
+            if isinstance(child, CollapsedNorm) and \
+                    child.picks == ('BN', 'BN'):
                 bn = nn.BatchNorm2d(child.num_features, eps=child.eps).to(
                     child.weight.device, child.weight.dtype)
                 bn.load_state_dict(

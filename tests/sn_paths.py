@@ -105,7 +105,8 @@ def expected_running(layer, x, steps):
         tracked += 1
         if layer.moving_average:
             m = layer.momentum
-            mean, var = (1 - m) * mean + m * mean_bn, (1 - m) * var + m * var_bn
+            mean = (1 - m) * mean + m * mean_bn
+            var = (1 - m) * var + m * var_bn
         else:  # pooled mean and second moment of all batches so far
             f = 1 / tracked
             second = (1 - f) * (var + mean**2) + f * (var_bn + mean_bn**2)

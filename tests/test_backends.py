@@ -68,7 +68,7 @@ def test_default_paths_by_device():
 
 
 @pytest.mark.parametrize('path,selections', [('', 0), ('compiled', 0),
-                                              ('native', 1), ('generic', 1)])
+                                             ('native', 1), ('generic', 1)])
 def test_path_is_chosen_once_per_call(path, selections, monkeypatch):
     """The device's default path runs the layer operators (their kernels
     are chosen when registered: no choice per call); a forced other path

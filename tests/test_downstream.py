@@ -70,8 +70,8 @@ def test_configs_name_only_weights_a_user_can_obtain():
     """Every checkpoint a downstream config loads is the one the README's
     converter command writes (no config names weights nobody publishes)."""
     readme = open(osp.join(ROOT, 'README.md')).read()
-    assert re.search(r'sn_to_mmpretrain(\.py)? \S+ ' + re.escape(CONVERTED_R50),
-                     readme)
+    command = r'sn_to_mmpretrain(\.py)? \S+ ' + re.escape(CONVERTED_R50)
+    assert re.search(command, readme)
     for path in DET_CONFIGS + SEG_CONFIGS:
         backbone = Config.fromfile(path).model.backbone
         assert backbone.init_cfg.checkpoint == CONVERTED_R50, path

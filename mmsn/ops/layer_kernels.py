@@ -77,14 +77,16 @@ def train(backend: RowBackend, x, weight, bias, mean_weight, var_weight,
             moving_average, eps, unbiased, update_stats)
     x3 = _rows(backend, x)
     dtype = stats_dtype(x.dtype)
-    observer = None
-    if running_mean is not None and update_stats:
 
-        def observer(mean_bn, var_bn, mean_in):
-            update_running_stats_(running_mean, running_var,
-                                  num_batches_tracked, nonfinite, mean_bn,
-                                  var_bn, nonfinite_slot(mean_in), momentum,
-                                  moving_average)
+    def move_running_stats(mean_bn, var_bn, mean_in):
+        update_running_stats_(running_mean, running_var, num_batches_tracked,
+                              nonfinite, mean_bn, var_bn,
+                              nonfinite_slot(mean_in), momentum,
+                              moving_average)
+
+    observer = move_running_stats
+    if running_mean is None or not update_stats:
+        observer = None
 
     batch_fn = PooledBatchStats(observer) if mean_weight.numel() == 3 \
         else None
@@ -133,7 +135,8 @@ def backward(backend: RowBackend, grad_y, x, mean_in, var_in, weight,
     batch, pooled = None, False
     if mean_weight.numel() == 3:
         if batch_stats:
-            batch = batch_stats_from_instance(mean_in.double(), var_in.double())
+            batch = batch_stats_from_instance(mean_in.double(),
+                                              var_in.double())
             pooled = True
         else:
             batch = (running_mean.to(dtype), running_var.to(dtype))

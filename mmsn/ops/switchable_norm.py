@@ -217,6 +217,6 @@ def switchable_norm(x: Tensor,
 
 
 __all__ = [
-    'switchable_norm', 'mixed_norm', 'layer_ops_for', 'compile_with_layer_ops', 'BatchStatsFn', 'BatchStats',
-    'in_var_correction'
+    'switchable_norm', 'mixed_norm', 'layer_ops_for', 'compile_with_layer_ops',
+    'BatchStatsFn', 'BatchStats', 'in_var_correction'
 ]

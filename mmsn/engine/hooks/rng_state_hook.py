@@ -320,4 +320,3 @@ class RNGStateHook(Hook):
                 **dict(init_fn.keywords, seed=saved['worker_seed']))
             changed = True
         return changed
-

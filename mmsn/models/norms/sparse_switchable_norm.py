@@ -154,6 +154,7 @@ class SyncSparseSwitchableNorm(_SparseSwitchableNorm, SyncSwitchableNorm):
         **kwargs: See :class:`_SparseSwitchableNorm`.
     """
 
+
 SYNC_VARIANTS[_SparseSwitchableNorm] = SyncSparseSwitchableNorm
 MODELS.register_module('SSN', module=SparseSwitchableNorm2d)
 MODELS.register_module('SSN1d', module=SparseSwitchableNorm1d)
