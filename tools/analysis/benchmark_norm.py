@@ -328,7 +328,8 @@ def bench_resnet50(args, device, timer):
     for label, t in (('training step', train), ('eval forward', evals)):
         print(f'| {label} | {t["BN"] * 1e3:.0f} | {t["SN"] * 1e3:.0f} | '
               f'{t["SN"] / t["BN"]:.3f} |')
-    return dict(train=train['SN'] / train['BN'], eval=evals['SN'] / evals['BN'])
+    return dict(train=train['SN'] / train['BN'],
+                eval=evals['SN'] / evals['BN'])
 
 
 def bench_passes(args, timer):
@@ -377,7 +378,8 @@ def bench_passes(args, timer):
         size = x.numel() * x.element_size()
 
         def sn(key, tensors):
-            return f'{med[key] * 1e3:.3g} ({tensors * size / med[key] / 1e9:.0f})'
+            gbs = tensors * size / med[key] / 1e9
+            return f'{med[key] * 1e3:.3g} ({gbs:.0f})'
 
         print(f'| {n}, {c}, {hw}, {hw} | {sn("moments", 1)} | '
               f'{sn("affine", 2)} | {sn("backward", 5)} | ' + ' | '.join(
@@ -527,8 +529,8 @@ def print_targets(results):
     rows = []
     if 'shapes' in results:
         worst, shape = results['shapes']['sn_gn_max']
-        rows.append(('SN / GN(32) fwd+bwd, every shape (worst)', f'{worst:.2f} '
-                     f'at {shape}', 1.3, worst))
+        rows.append(('SN / GN(32) fwd+bwd, every shape (worst)',
+                     f'{worst:.2f} at {shape}', 1.3, worst))
         rows.append(('SN / BN fwd+bwd, median over shapes',
                      f'{results["shapes"]["sn_bn"]:.2f}', 0.9,
                      results['shapes']['sn_bn']))
