@@ -381,3 +381,25 @@ def test_fixed_batch_stats_equal_a_function_returning_them(path, path_of):
                        [p.grad for p in params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_second_order_gradients_are_refused_by_the_layer_operators():
+    """Their backward is not differentiable again: asking for it (a
+    gradient penalty) is an error naming the path that can."""
+    layer = make_layer(SwitchableNorm2d, torch.float64)
+    x = make_input((3, C, 3, 3), torch.float64).requires_grad_()
+    y = layer(x)
+    assert 'SwitchableNormTrain' in y.grad_fn.name()
+    with pytest.raises(RuntimeError, match='not differentiable twice.*'
+                       'MMSN_SN_PATH=composite'):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_composite_path_gives_second_order_gradients(training, path_of):
+    path_of('composite')
+    layer = make_layer(SwitchableNorm2d, torch.float64).train(training)
+    x = make_input((3, C, 2, 3), torch.float64).requires_grad_()
+    params = [layer.weight, layer.mean_weight]
+    torch.autograd.gradgradcheck(
+        lambda x, *p: layer(x).square().sum(), (x, *params))
