@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .backends import RowBackend
+from .backends.base import is_dense
 from .function import _forward, backward_passes, backward_state
 from .statistics import (NONFINITE_EVAL, PooledBatchStats,
                          batch_stats_from_instance, in_var_correction,
@@ -26,19 +27,8 @@ from .statistics import (NONFINITE_EVAL, PooledBatchStats,
 def _rows(backend: RowBackend, x: Tensor) -> Tensor:
     x3 = x.reshape(x.shape[0], x.shape[1], -1)
     if backend.takes_strided and x3.dtype in backend.input_dtypes:
-        return x3 if _dense(x3) else x3.contiguous()
+        return x3 if is_dense(x3) else x3.contiguous()
     return x3.contiguous()
-
-
-def _dense(t: Tensor) -> bool:
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _like(y3: Tensor, x: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends.base import is_dense
 from ._capture import capturing_graph
 from .composite import composite_norm
 from .function import fused_norm
@@ -66,19 +67,6 @@ def _memory_format(x: Tensor) -> Optional[torch.memory_format]:
             and not x.is_contiguous():
         return fmt
     return None
-
-
-def _is_dense(t: Tensor) -> bool:
-    """No gaps and no overlap between the elements (any dim order)."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()),
-                               key=lambda p: p[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 # Under torch.compile, SN layers are traced as plain ops (the composite
@@ -169,7 +157,7 @@ def mixed_norm(x: Tensor,
     # a view for every dense layout; the backend decides whether to copy
     x3 = x.reshape(n, c, -1)
     if not x3.is_contiguous() and (backend is None or not (
-            backend.takes_strided and _is_dense(x3))):
+            backend.takes_strided and is_dense(x3))):
         x3 = x3.contiguous()
     correction = in_var_correction(x3.shape[2], unbiased)
     args = (weight, bias, mean_share, var_share, batch_stats_fn, eps,

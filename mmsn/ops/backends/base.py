@@ -32,6 +32,19 @@ import torch
 from torch import Tensor
 
 
+def is_dense(t: Tensor) -> bool:
+    """No gaps and no overlap between the elements (any dim order)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()),
+                               key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 class RowBackend:
     """Base class: the four row passes are required, the fused whole-layer
     methods are optional (set ``fused = True`` when implemented)."""
