@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .backends import RowBackend
-from .backends.base import is_dense
+from .backends.base import is_dense, memory_format_of
 from .function import _forward, backward_passes, backward_state
 from .statistics import (NONFINITE_EVAL, PooledBatchStats,
                          batch_stats_from_instance, in_var_correction,
@@ -36,9 +36,8 @@ def _like(y3: Tensor, x: Tensor) -> Tensor:
     y = y3.reshape(x.shape)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    fmt = x.suggest_memory_format()
-    if fmt != torch.contiguous_format and not y.is_contiguous(
-            memory_format=fmt):
+    fmt = memory_format_of(x)
+    if fmt is not None and not y.is_contiguous(memory_format=fmt):
         y = y.contiguous(memory_format=fmt)
     return y
 

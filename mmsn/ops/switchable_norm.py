@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends.base import is_dense
+from .backends.base import is_dense, memory_format_of
 from ._capture import capturing_graph
 from .composite import composite_norm
 from .function import fused_norm
@@ -57,16 +57,6 @@ def autocast_off(device: torch.device):
             and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _memory_format(x: Tensor) -> Optional[torch.memory_format]:
-    """channels_last(_3d) when x is laid out so, else None."""
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    fmt = formats.get(x.dim())
-    if fmt is not None and x.is_contiguous(memory_format=fmt) \
-            and not x.is_contiguous():
-        return fmt
-    return None
 
 
 # Under torch.compile, SN layers are traced as plain ops (the composite
@@ -173,7 +163,7 @@ def mixed_norm(x: Tensor,
     y = y3.reshape(x.shape)
     if y.dtype != x.dtype:  # no-op .to() calls trip older ONNX exporters
         y = y.to(x.dtype)
-    fmt = _memory_format(x)
+    fmt = memory_format_of(x)
     if fmt is not None and not y.is_contiguous(memory_format=fmt):
         y = y.contiguous(memory_format=fmt)
     return y

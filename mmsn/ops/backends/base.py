@@ -45,6 +45,16 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+def memory_format_of(x: Tensor) -> Optional[torch.memory_format]:
+    """channels_last(_3d) when x is laid out so, else None."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    fmt = formats.get(x.dim())
+    if fmt is not None and x.is_contiguous(memory_format=fmt) \
+            and not x.is_contiguous():
+        return fmt
+    return None
+
+
 class RowBackend:
     """Base class: the four row passes are required, the fused whole-layer
     methods are optional (set ``fused = True`` when implemented)."""
