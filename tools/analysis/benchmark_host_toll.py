@@ -164,8 +164,9 @@ def layer_tables(report, args, device):
            'non-blocking read of its non-finite counter, say); Triton: of '
            'the kernels, mmsn\'s Triton launches; ops: ops dispatched (a '
            'layer operator counts one); reads: '
-           '`aten._local_scalar_dense` (a value read by the host); syncs: synchronising CUDA calls; issue: host microseconds to '
-           'issue the call.\n')
+           '`aten._local_scalar_dense` (a value read by the host); syncs: '
+           'synchronising CUDA calls; issue: host microseconds to issue '
+           'the call.\n')
     report('| shape (N, C, H, W) | pass | kernels BN / SN (SN/BN) | copies '
            'BN / SN | Triton (SN) | ops BN / SN (SN/BN) | reads BN / SN | '
            'syncs BN / SN | issue us BN / SN (SN/BN) |')
