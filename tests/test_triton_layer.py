@@ -334,6 +334,20 @@ def test_nonfinite_batch_leaves_running_stats_and_is_counted(
     assert torch.equal(layer.nonfinite.cpu(), expected)
 
 
+def test_outputs_start_on_16_byte_boundaries():
+    """torch.compile assumes the layer operators' outputs are aligned as
+    their fake kernels allocate them, and checks it: with N * C = 15 and 3
+    shares, plain views into one buffer would not be."""
+    layer = make_layer(SwitchableNorm2d, 5)
+    backend = tb.TritonBackend()
+    x = make_x((3, 5, 4, 3))
+    outputs = list(train(backend, layer, x))
+    outputs += backward(backend, layer, x, x, outputs[1], outputs[2])
+    outputs += evaluate(backend, layer, x)
+    for i, t in enumerate(outputs):
+        assert t.data_ptr() % 16 == 0, i
+
+
 def test_update_stats_false_moves_nothing():
     """Activation checkpointing's recomputation passes update_stats=False."""
     layer = make_layer(SwitchableNorm2d, 5)

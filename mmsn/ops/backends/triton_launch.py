@@ -26,6 +26,20 @@ def _launch(kernel, grid: int, *args, num_warps: int = 4, **constexprs):
     kernel[(grid, )](*args, num_warps=num_warps, **constexprs)
 
 
+def pair(shape, dtype, device):
+    """Two contiguous tensors of ``shape`` from one allocation, each
+    starting on a 16-byte boundary: torch.compile assumes that of the
+    layer operators' outputs (as their fake kernels allocate them) and
+    checks it."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    align = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
+    stride = -(-numel // align) * align
+    flat = torch.empty(stride + numel, dtype=dtype, device=device)
+    return flat[:numel].view(shape), flat[stride:].view(shape)
+
+
 def f32(t: Optional[Tensor]) -> Optional[Tensor]:
     if t is None or (t.dtype == _F32 and t.is_contiguous()):
         return t
@@ -82,17 +96,17 @@ def moments(plan: Plan, correction: int):
     the last split of each tile."""
     x3, t = plan.x3, plan.t
     n, c, length = x3.shape
-    stats = torch.empty(2, n, c, dtype=_F32, device=x3.device)
-    if stats.numel() == 0:
-        return stats[0], stats[1]
+    mean, var = pair((n, c), _F32, x3.device)
+    if mean.numel() == 0:
+        return mean, var
     rows, split = n * c, t.splits > 1
     part = torch.empty(2, t.splits, rows, dtype=_F32,
-                       device=x3.device) if split else stats
-    _launch(kernels._moments_kernel, t.programs, x3, stats[0], stats[1],
-            part, plan.tickets(n * t.c_blocks if split else 1), c, length,
+                       device=x3.device) if split else mean
+    _launch(kernels._moments_kernel, t.programs, x3, mean, var, part,
+            plan.tickets(n * t.c_blocks if split else 1), c, length,
             *x3.stride(), *plan.tile_args(), rows,
             float(length - correction), **plan.blocks(SPLIT=split))
-    return stats[0], stats[1]
+    return mean, var
 
 
 def rows_affine(plan: Plan, mean_in, scale, shift) -> Tensor:
@@ -195,18 +209,18 @@ def backward(plan: Plan, dy, mean_in, var_in, weight, mean_weight,
     n, c, length = x3.shape
     k = mean_weight.numel()
     dev = x3.device
+    params = pair((c, ), param_dtype, dev)
+    shares = pair((k, ), share_dtype, dev)
     if n * c == 0 or length == 0:
         dx = torch.empty_like(x3) if need_dx else x3.new_empty(0)
-        params = torch.zeros(2, c, dtype=param_dtype, device=dev)
-        shares = torch.zeros(2, k, dtype=share_dtype, device=dev)
-        return dx, params[0], params[1], shares[0], shares[1]
+        for t in params + shares:
+            t.zero_()
+        return (dx, *params, *shares)
     rows, tiles, split = n * c, n * t.c_blocks, t.splits > 1
     sizes = [_ROW_FIELDS * rows, _TILE_FIELDS * tiles, _SAMPLE_FIELDS * n,
              _CHANNEL_FIELDS * c, 2 * t.splits * rows if split else 1]
     per_row, per_tile, per_sample, per_channel, part = torch.empty(
         sum(sizes), dtype=_F32, device=dev).split(sizes)
-    params = torch.empty(2, c, dtype=param_dtype, device=dev)
-    shares = torch.empty(2, k, dtype=share_dtype, device=dev)
     bn_mean = bn_var = mean_in
     if bn is not None and bn is not POOLED:
         bn_mean = _contiguous(bn[0], c, 'batch mean')
@@ -216,8 +230,7 @@ def backward(plan: Plan, dy, mean_in, var_in, weight, mean_weight,
     flags = dict(K=k, SOFTMAX=bool(softmax))
     _launch(_layer_backward_kernel, t.programs, dy, x3, mean_in, var_in,
             _param(weight, c, mean_in), *weights, bn_mean, bn_var, part,
-            per_row, per_tile, per_sample, per_channel, params[0],
-            params[1], shares[0], shares[1],
+            per_row, per_tile, per_sample, per_channel, *params, *shares,
             plan.tickets(tiles + n + t.c_blocks + 1), n, c, length,
             *dy.stride(), *x3.stride(), *plan.tile_args(), float(eps),
             **plan.blocks(HAS_WEIGHT=weight is not None,
@@ -232,7 +245,7 @@ def backward(plan: Plan, dy, mean_in, var_in, weight, mean_weight,
                 *dy.stride(), *x3.stride(), *dx.stride(), *plan.tile_args(),
                 t.programs, float(length - correction),
                 **plan.blocks(POOLED_GRAD=bool(pooled_grad), **flags))
-    return dx, params[0], params[1], shares[0], shares[1]
+    return (dx, *params, *shares)
 
 
 def _param(t: Optional[Tensor], c: int, dummy: Tensor) -> Tensor:
