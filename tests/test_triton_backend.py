@@ -3,12 +3,13 @@
 Without a GPU the kernels run on CPU tensors in Triton's interpreter
 (TRITON_INTERPRET=1, set by conftest.py before triton is imported); with
 one, the same tests run the compiled kernels on CUDA tensors. Every method
-of the
-RowBackend interface is checked against formulas written out below in
-float64; whole SN layers run through mmsn with the Triton path forced
-against the composite path and the paper's equations; and
+of the RowBackend interface (the four passes and the fused whole-layer
+methods the functional core calls) is checked against formulas written out
+below in float64; whole SN layers run through mmsn with the Triton path
+forced against the composite path and the paper's equations; and
 tests/triton_compile_check.py compiles every kernel for sm_90 with the
-installed triton, which the interpreter does not.
+installed triton, which the interpreter does not. The layer operators'
+kernels (layer_train, ...) are tested in tests/test_triton_layer.py.
 """
 import functools
 import importlib
@@ -527,6 +528,9 @@ def test_bad_input_is_a_clear_error(monkeypatch):
             backend.moments(x3, 1)
 
 
+@pytest.mark.skipif(GPU, reason='on a GPU the tests compile (and run) '
+                    'each kernel variant they launch with the installed '
+                    'triton')
 def test_kernels_compile_for_sm90():
     """Triton's compiler (not the interpreter) accepts every kernel variant
     the backend launches."""

@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 
 import mmsn.ops.backends.triton as triton_backend
-from mmsn.ops.backends import triton_kernels
+from mmsn.ops.backends import triton_kernels, triton_launch
 
 F32 = torch.float32
 
@@ -63,8 +63,8 @@ def record_launches(cases):
     def record(kernel, grid, *args, num_warps=4, **constexprs):
         records.append((kernel, args, constexprs, num_warps))
 
-    saved = triton_backend._launch, triton_backend.kernels_interpreted
-    triton_backend._launch = record
+    saved = triton_launch._launch, triton_backend.kernels_interpreted
+    triton_launch._launch = record
     triton_backend.kernels_interpreted = lambda: True
     try:
         for shape, layout, dtype, options in cases:
@@ -77,7 +77,7 @@ def record_launches(cases):
             backend = triton_backend.TritonBackend(**options)
             _exercise(backend, x3)
     finally:
-        triton_backend._launch, triton_backend.kernels_interpreted = saved
+        triton_launch._launch, triton_backend.kernels_interpreted = saved
     return records
 
 
@@ -102,6 +102,34 @@ def _exercise(backend, x3):
                 continue
             backend.sn_backward(dy, x3, stats, stats, weight, shares, shares,
                                 *batch, pooled, 1e-5, correction, need_dx)
+    _exercise_layer(backend, x3, dy)
+
+
+def _exercise_layer(backend, x3, dy):
+    """The layer operators' kernels, as SN/SSN layers call them: logits
+    (softmax) or shares, with and without a BN branch and affine
+    parameters, each kind of running-statistics update."""
+    n, c = x3.shape[:2]
+    stats = torch.ones(n, c)
+    count = torch.zeros(4, dtype=torch.long)
+    for k, affine, softmax in [(3, True, True), (2, False, True),
+                               (3, True, False)]:
+        weight = torch.ones(c) if affine else None
+        logits = torch.zeros(k)
+        running = (torch.zeros(c), torch.ones(c)) if k == 3 else (None, None)
+        for momentum, moving in [(0.1, True), (None, True), (0.1, False)]:
+            backend.layer_train(x3, weight, weight, logits, logits, *running,
+                                torch.zeros((), dtype=torch.long), count,
+                                softmax, momentum, moving, 1e-5, True, True)
+            if k == 2:
+                break
+        backend.layer_eval(x3, weight, weight, logits, logits, *running,
+                           count, softmax, 1e-5, True)
+        for batch_stats in ([True, False] if k == 3 else [False]):
+            for need_dx in (True, False):
+                backend.layer_backward(dy, x3, stats, stats, weight, logits,
+                                       logits, *running, softmax,
+                                       batch_stats, 1e-5, True, need_dx)
 
 
 def compile_variants(records, arch):

@@ -12,7 +12,9 @@
 #   summary.txt        each step's status and time, the targets table
 #   env.txt            card, driver, versions
 #   install.log, tests_gpu.log, tests_cpu.log, benchmark.log
-#   benchmark_gpu.md   the report (copy it to docs/benchmark_gpu.md)
+#   benchmark_gpu.md   the report (copy it to docs/benchmark_gpu.md): the
+#                      host toll of SN vs BN and the compiled ResNet-50 step
+#                      first (issue 17), then per-layer timings (issue 10)
 # Every step runs under its own time limit, and the next steps run even if
 # one fails; the exit status is that of the first failed step.
 # MMSN_GPU_CHECK_DRY_RUN=1 runs the same steps on a machine without a GPU,
@@ -28,8 +30,10 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 BENCH_ARGS=(--device cuda --compile-every 6 --triton-tiles 2048 4096)
 if [ "${MMSN_GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
+    # the compiled step traced without inductor: minutes on a small CPU
     BENCH_ARGS=(--device cpu --gpu-report --shapes 2,32,4 --reps 2
-        --compile-every 0 --resnet-batch 2 --resnet-reps 1 --triton-tiles 64)
+        --compile-every 0 --resnet-batch 2 --resnet-reps 1 --triton-tiles 64
+        --compile-backend eager)
 fi
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -119,25 +123,33 @@ if ! "$PY" -c "import mmsn.ops, sys
 sys.exit(not mmsn.ops.compiled_kernels_available())" 2>/dev/null; then
     export MMSN_WITH_OPS=0  # tests of mmsn._C skip instead of failing
 fi
-# the Triton backend on CUDA tensors (compiled kernels; its AOT compile
-# check too)
-step "tests: Triton backend on CUDA" 150 tests_gpu.log \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py
-# the layer's tests (on the CPU unless they select CUDA themselves), in
-# parallel where pytest-xdist is installed
+# in parallel where pytest-xdist is installed (Triton compiles each
+# process's kernels, sharing its disk cache)
 xdist=()
 if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 8); fi
-step "tests: SN layer and fast path" 150 tests_cpu.log \
+# the Triton backend and the layer methods on CUDA tensors (compiled
+# kernels, run concurrently)
+step "tests: Triton backend on CUDA" 120 tests_gpu.log \
+    "$PY" -m pytest -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
+    tests/test_triton_backend.py tests/test_triton_layer.py
+if [ "${MMSN_GPU_CHECK_DRY_RUN:-0}" = 1 ]; then export TRITON_INTERPRET=1; fi
+# issue 17 first: launches, dispatched ops and host syncs per layer, SN vs
+# BN, and a ResNet-50 step under torch.compile(mode='reduce-overhead')
+# (two compiles); the report is written as it goes
+step "benchmark: host toll, compiled step" 180 benchmark.log \
+    "$PY" tools/analysis/benchmark_norm.py "${BENCH_ARGS[@]}" \
+    --part host-toll --output "$OUT/benchmark_gpu.md"
+# the layer's tests (on the CPU: they select no CUDA device)
+step "tests: SN layer and fast path" 75 tests_cpu.log \
     "$PY" -m pytest -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} \
     tests/test_switchable_norm.py tests/test_fast_path.py
-# what is left of 8 minutes goes to the benchmark, which writes its report
-# as it goes (a timeout keeps the tables done so far)
+# what is left of 8 minutes goes to the rest of the benchmark, appended to
+# the report (a timeout keeps the tables done so far)
 left=$((470 - (SECONDS - script_start)))
-if [ "$left" -lt 90 ]; then left=90; fi
-if [ "${MMSN_GPU_CHECK_DRY_RUN:-0}" = 1 ]; then export TRITON_INTERPRET=1; fi
-step "benchmark" "$left" benchmark.log \
+if [ "$left" -lt 30 ]; then left=30; fi
+step "benchmark: per layer, ResNet-50, targets" "$left" benchmark.log \
     "$PY" tools/analysis/benchmark_norm.py "${BENCH_ARGS[@]}" \
-    --output "$OUT/benchmark_gpu.md"
+    --part rest --output "$OUT/benchmark_gpu.md"
 
 echo
 echo "=== summary ($((SECONDS - script_start))s) ==="

@@ -450,6 +450,14 @@ def main():
                       'Nth shape (0: never); each compile takes seconds')
     cuda.add_argument('--triton-tiles', type=int, nargs='*', default=[2048],
                       help='tile sizes of the Triton pass-by-pass table')
+    cuda.add_argument('--part', default='all',
+                      choices=['all', 'host-toll', 'rest'],
+                      help='host-toll: the header, the host toll per layer '
+                      'and the compiled ResNet-50 step only; rest: the '
+                      'others, appended to --output')
+    cuda.add_argument('--compile-backend', default='inductor',
+                      help='torch.compile backend of the ResNet-50 step '
+                      '(inductor: mode reduce-overhead)')
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda_run = device.type == 'cuda' or args.gpu_report

@@ -16,7 +16,11 @@ with CUDA events after L2 has been evicted:
 3. the issue's targets as ratios measured in this run;
 4. mmsn's Triton kernels pass by pass against cuDNN's BN kernels, with the
    bandwidth each reaches over the bytes it must move, for a few tile
-   sizes (to tune ``TritonBackend(tile=...)``).
+   sizes (to tune ``TritonBackend(tile=...)``);
+5. first (``--part host-toll`` alone, ``rest`` for the others): what a
+   layer costs the host and the launch queue, SN vs BN, and a ResNet-50
+   step eager and under ``torch.compile(mode='reduce-overhead')``
+   (benchmark_host_toll.py).
 """
 import contextlib
 import importlib
@@ -27,6 +31,7 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
+import benchmark_host_toll
 from mmsn import SwitchableNorm2d
 
 IMPLS = ('BN', 'GN', 'refSN', 'cSN', 'SN')
@@ -50,10 +55,10 @@ def force_sn_path(name: str):
 
 class Report:
     """Prints markdown and writes it to ``path`` line by line (a run cut
-    short keeps what it measured)."""
+    short keeps what it measured), after what is there with ``append``."""
 
-    def __init__(self, path=None):
-        self.file = open(path, 'w') if path else None
+    def __init__(self, path=None, append=False):
+        self.file = open(path, 'a' if append else 'w') if path else None
 
     def __call__(self, text: str = '') -> None:
         print(text, flush=True)
@@ -398,7 +403,7 @@ def run(args, common) -> None:
     helpers)."""
     torch._dynamo.config.cache_size_limit = max(
         64, torch._dynamo.config.cache_size_limit)
-    report = Report(args.output)
+    report = Report(args.output, append=args.part == 'rest')
     device = torch.device(args.device)
     timer = CudaTimer(device) if device.type == 'cuda' else \
         common.Timer(device)
@@ -411,7 +416,12 @@ def run(args, common) -> None:
                   for c, hw, _ in common.RESNET50_NORM_SHAPES]
     dtypes = [args.dtype] if args.dtype else [torch.float32, torch.bfloat16]
     with force_sn_path(args.sn_path):
-        header(report, args, shapes, device)
+        if args.part != 'rest':
+            header(report, args, shapes, device)
+            benchmark_host_toll.run(common, report, args, device, timer)
+        if args.part == 'host-toll':
+            report.close()
+            return
         results = {}
         for dtype in dtypes:
             rows = []

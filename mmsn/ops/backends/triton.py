@@ -1,22 +1,34 @@
-"""SN's row passes in Triton: the backend for CUDA tensors.
+"""SN in Triton: the backend for CUDA tensors.
 
-Kernels per layer (:mod:`.triton_kernels` over the big tensor,
-:mod:`.triton_mixing` for the per-(n, c) algebra, tiled as
-:mod:`.triton_tiles` plans):
+Launches per SN layer (:mod:`.triton_kernels` over the big tensor,
+:mod:`.triton_layer` and :mod:`.triton_layer_backward` with the per-(n, c)
+algebra of :mod:`.triton_stats` inside, tiled as :mod:`.triton_tiles`
+plans; arguments in :mod:`.triton_launch`):
 
-* training forward: moments (one read of x), then the mixing of the
-  per-(n, c) statistics (one small kernel) and the output (one read of x,
-  one write of y): 3 launches, plus one merging the moments of rows split
-  across programs (long rows, few of them);
-* forward with fixed BN statistics (eval): the same 3 (4) launches, no
-  host synchronisation in between;
-* backward: per-row sums (one read of x and dy), the per-sample and the
-  per-channel algebra (two small kernels), the share gradients' final sum
-  and dx (one read of x and dy, one write): 5 launches.
+* training forward (:meth:`TritonBackend.layer_train`): the moments (one
+  read of x), then the output (one read of x, one write of y) with the LN
+  and BN pooling, the mixing and the running statistics' update inside:
+  2 launches;
+* eval forward (:meth:`~TritonBackend.layer_eval`): the same 2;
+* backward (:meth:`~TritonBackend.layer_backward`): the row sums (one read
+  of x and dy) with the gradients of the per-(n, c) algebra, d_gamma,
+  d_beta and the share gradients inside, then dx (one read of x and dy,
+  one write): 2 launches, 1 without dx.
 
-Only x and the IN moments are needed for backward. CPU tensors run through
-Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this module
-was imported (slow: for tests). float64 is left to other backends.
+Long rows split across programs (few of them) cost no launch: the last
+program of a row to finish merges the splits. The functional core's fused
+methods (:meth:`~TritonBackend.sn_normalize`, ...) run the same kernels.
+
+Nothing here reads a value back to the host: no ``.item()``, no
+``nonzero``, no Python branch on a tensor's value (branches are on shapes,
+dtypes, strides and flags), no synchronisation; reductions across programs
+are ordered by integer tickets (:mod:`.triton_tickets`), never by float
+atomics, so results do not depend on scheduling. The launches can be
+captured in a CUDA graph (torch.compile's ``reduce-overhead``).
+
+CPU tensors run through Triton's interpreter when ``TRITON_INTERPRET=1``
+was set before this module was imported (slow: for tests). float64 is left
+to other backends.
 """
 import contextlib
 from typing import Optional
@@ -36,11 +48,12 @@ if tuple(int(p) for p in triton.__version__.split('.')[:2]) < MIN_TRITON:
         f'found triton {triton.__version__}')
 
 from . import triton_kernels as kernels  # noqa: E402
-from . import triton_mixing as mixing_kernels  # noqa: E402
+from . import triton_launch as launch  # noqa: E402
 from .base import RowBackend  # noqa: E402
-from .triton_tiles import (SMALL_TILE, TILE, Tiles, cdiv, column_blocks,
-                           default_min_programs, next_power_of_2, plan_tiles,
-                           sample_blocks)
+from .triton_launch import POOLED, RunningStats, f32  # noqa: E402
+from .triton_tickets import Tickets  # noqa: E402
+from .triton_tiles import (SMALL_TILE, TILE, Tiles,  # noqa: E402
+                           default_min_programs, plan_tiles)
 
 _F32 = torch.float32
 
@@ -50,26 +63,16 @@ def kernels_interpreted() -> bool:
     return not isinstance(kernels._moments_kernel, triton.runtime.JITFunction)
 
 
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    if t is None or (t.dtype == _F32 and t.is_contiguous()):
-        return t
-    return t.to(_F32).contiguous()
-
-
-def _launch(kernel, grid: int, *args, num_warps: int = 4, **constexprs):
-    kernel[(grid, )](*args, num_warps=num_warps, **constexprs)
-
-
 class TritonBackend(RowBackend):
-    """SN's row passes as Triton kernels, for any strides of the (N, C, L)
-    view (NCHW, channels_last 4D and 5D) and float32/float16/bfloat16 input
+    """SN as Triton kernels, for any strides of the (N, C, L) view (NCHW,
+    channels_last 4D and 5D) and float32/float16/bfloat16 input
     (statistics in float32, outputs in the input's dtype).
 
     Args:
         tile (int): Elements per tile of the big tensor.
-        small_tile (int): Elements per tile of the (N, C) statistics.
-            Tests make both small to run several tiles per row (and per
-            sample) on tiny tensors.
+        small_tile (int): Elements per block of the (N, C) statistics.
+            Tests make both small to run several tiles per row (and several
+            blocks per sample and channel) on tiny tensors.
         min_programs (int, optional): Split rows when fewer tiles of whole
             rows than this exist. Defaults to 4 per multiprocessor on CUDA
             and 1 (never split) in the interpreter.
@@ -85,6 +88,7 @@ class TritonBackend(RowBackend):
         self.tile = tile
         self.small_tile = small_tile
         self.min_programs = min_programs
+        self._tickets = Tickets()
 
     # -- helpers -----------------------------------------------------------
     def _check(self, x3: Tensor, name: str) -> None:
@@ -117,6 +121,10 @@ class TritonBackend(RowBackend):
         return plan_tiles(n, c, length, channels_contiguous, self.tile,
                           min_programs)
 
+    def _plan(self, x3: Tensor) -> launch.Plan:
+        return launch.Plan(x3, self._tiles(x3), self.small_tile,
+                           self._tickets)
+
     @staticmethod
     def _device(x3: Tensor):
         """Launch on x's GPU when it is not the current one."""
@@ -127,114 +135,45 @@ class TritonBackend(RowBackend):
     # -- the four passes ---------------------------------------------------
     def moments(self, x3: Tensor, correction: int):
         self._check(x3, 'moments')
-        n, c, length = x3.shape
+        length = x3.shape[2]
         if length <= correction:
             raise ValueError(f'TritonBackend.moments: {length} positions '
                              'leave no degrees of freedom for correction '
                              f'{correction}')
-        stats = torch.empty(2, n, c, dtype=_F32, device=x3.device)
-        mean, var = stats[0], stats[1]
-        if stats.numel() == 0:
-            return mean, var, None
-        t = self._tiles(x3)
-        rows, dof = n * c, float(length - correction)
         with self._device(x3):
-            if t.splits == 1:
-                _launch(kernels._moments_kernel, t.programs, x3, mean, var, c,
-                        length, *x3.stride(), t.c_blocks, 1, t.chunk, rows,
-                        dof, num_warps=t.num_warps, BLOCK_C=t.block_c,
-                        BLOCK_L=t.block_l, SPLIT=False)
-                return mean, var, None
-            part = torch.empty(2, t.splits, rows, dtype=_F32,
-                               device=x3.device)
-            _launch(kernels._moments_kernel, t.programs, x3, part[0], part[1],
-                    c, length, *x3.stride(), t.c_blocks, t.splits, t.chunk,
-                    rows, dof, num_warps=t.num_warps, BLOCK_C=t.block_c,
-                    BLOCK_L=t.block_l, SPLIT=True)
-            block_s = next_power_of_2(t.splits)
-            block_r = min(next_power_of_2(rows),
-                          max(1, self.small_tile // block_s))
-            _launch(kernels._merge_moments_kernel, cdiv(rows, block_r),
-                    x3, part[0], part[1], mean, var, c, x3.stride(0),
-                    x3.stride(1), rows, length, t.chunk, t.splits, dof,
-                    BLOCK_R=block_r, BLOCK_S=block_s)
+            mean, var = launch.moments(self._plan(x3), correction)
         return mean, var, None
 
     def rows_affine(self, x3: Tensor, scratch, mean_in: Tensor, scale: Tensor,
                     shift: Tensor) -> Tensor:
         self._check(x3, 'rows_affine')
-        y = torch.empty_like(x3)
-        if y.numel() == 0:
-            return y
-        t = self._tiles(x3)
         with self._device(x3):
-            _launch(kernels._affine_kernel, t.programs, x3, y, _f32(mean_in),
-                    _f32(scale), _f32(shift), x3.shape[1], x3.shape[2],
-                    *x3.stride(), *y.stride(), t.c_blocks, t.splits, t.chunk,
-                    t.programs, num_warps=t.num_warps, BLOCK_C=t.block_c,
-                    BLOCK_L=t.block_l)
-        return y
-
-    def _grad_sums_parts(self, dy: Tensor, x3: Tensor, mean_in: Tensor):
-        """Per-row sums of each split, shaped (2, splits, N * C)."""
-        n, c, length = x3.shape
-        t = self._tiles(x3)
-        part = torch.empty(2, t.splits, n * c, dtype=_F32, device=x3.device)
-        if part.numel():
-            _launch(kernels._grad_sums_kernel, t.programs, dy, x3,
-                    _f32(mean_in), part[0], part[1], c, length, *dy.stride(),
-                    *x3.stride(), t.c_blocks, t.splits, t.chunk, n * c,
-                    num_warps=t.num_warps, BLOCK_C=t.block_c,
-                    BLOCK_L=t.block_l)
-        return part
+            return launch.rows_affine(self._plan(x3), f32(mean_in),
+                                      f32(scale), f32(shift))
 
     def rows_grad_sums(self, dy: Tensor, x3: Tensor, mean_in: Tensor):
         self._check(x3, 'rows_grad_sums')
         _check_like(dy, x3, 'rows_grad_sums')
-        n, c, _ = x3.shape
         with self._device(x3):
-            part = self._grad_sums_parts(dy, x3, mean_in)
-        sums = part[:, 0] if part.shape[1] == 1 else part.sum(1)
-        return sums[0].view(n, c), sums[1].view(n, c)
+            return launch.rows_grad_sums(self._plan(x3), dy, f32(mean_in))
 
     def rows_grad_input(self, dy: Tensor, x3: Tensor, mean_in: Tensor,
                         a: Tensor, b: Tensor, k: Tensor) -> Tensor:
         self._check(x3, 'rows_grad_input')
         _check_like(dy, x3, 'rows_grad_input')
         with self._device(x3):
-            return self._grad_input(dy, x3, mean_in, a, b, k)
+            return launch.rows_grad_input(self._plan(x3), dy, f32(mean_in),
+                                          f32(a), f32(b), f32(k))
 
-    def _grad_input(self, dy, x3, mean_in, a, b, k) -> Tensor:
-        dx = torch.empty_like(x3)
-        if dx.numel() == 0:
-            return dx
-        t = self._tiles(x3)
-        _launch(kernels._grad_input_kernel, t.programs, dy, x3, dx,
-                _f32(mean_in), _f32(a), _f32(b), _f32(k), x3.shape[1],
-                x3.shape[2], *dy.stride(), *x3.stride(), *dx.stride(),
-                t.c_blocks, t.splits, t.chunk, t.programs,
-                num_warps=t.num_warps, BLOCK_C=t.block_c, BLOCK_L=t.block_l)
-        return dx
-
-    # -- the whole layer ---------------------------------------------------
+    # -- the functional core's whole layer (shares, given BN statistics) ---
     def sn_normalize(self, x3, mean_in, var_in, weight, bias, mean_share,
                      var_share, batch_mean, batch_var, eps):
         self._check(x3, 'sn_normalize')
-        n, c, _ = x3.shape
-        mixing = _Mixing(mean_share, var_share, batch_mean, batch_var)
-        coefs = torch.empty(2, n, c, dtype=_F32, device=x3.device)
-        if coefs.numel() == 0:
-            return torch.empty_like(x3)
-        block_n, block_c = sample_blocks(n, c, self.small_tile)
+        bn = _given_bn(mean_share, var_share, batch_mean, batch_var)
         with self._device(x3):
-            _launch(mixing_kernels._mix_forward_kernel,
-                    cdiv(n, block_n),
-                    _f32(mean_in), _f32(var_in), *mixing.or_dummy(weight),
-                    *mixing.or_dummy(bias), *mixing.args(), coefs[0],
-                    coefs[1], n, c, float(eps), num_warps=8,
-                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                    HAS_BN=mixing.has_bn, BLOCK_N=block_n, BLOCK_C=block_c)
-        return self.rows_affine(x3, None, mean_in, coefs[0], coefs[1])
+            return launch.output(self._plan(x3), f32(mean_in), f32(var_in),
+                                 weight, bias, mean_share, var_share, False,
+                                 bn, eps)
 
     def sn_forward_fixed(self, x3, weight, bias, mean_share, var_share,
                          batch_mean, batch_var, eps, correction):
@@ -248,78 +187,123 @@ class TritonBackend(RowBackend):
                     correction, need_dx):
         self._check(x3, 'sn_backward')
         _check_like(dy, x3, 'sn_backward')
-        mixing = _Mixing(mean_share, var_share, batch_mean, batch_var)
-        if pooled_bn and not mixing.has_bn:
+        bn = _given_bn(mean_share, var_share, batch_mean, batch_var)
+        if pooled_bn and bn is None:
             raise ValueError('TritonBackend.sn_backward: pooled_bn needs '
                              'batch statistics')
-        n, c, length = x3.shape
-        rows, k = n * c, mixing.branches
-        dev = x3.device
-        mean_in, var_in = _f32(mean_in), _f32(var_in)
-        if rows == 0 or length == 0:
-            return _empty_grads(x3, c, k, need_dx)
-        block_n, block_c = sample_blocks(n, c, self.small_tile)
-        col_n, col_c = column_blocks(n, c, self.small_tile)
-        sample_programs = cdiv(n, block_n)
-        column_programs = cdiv(c, col_c)
-        # per row: neg_grad_mean, grad_var, d_gamma term, sum(dy), scale
-        per_row = torch.empty(5, rows, dtype=_F32, device=dev)
-        # per sample: LN mean and the channel sums of the first two rows
-        per_sample = torch.empty(3, n, dtype=_F32, device=dev)
-        share_parts = torch.empty(
-            sample_programs + (column_programs if mixing.has_bn else 0),
-            2 * k, dtype=_F32, device=dev)
-        param_grads = torch.empty(2, c, dtype=_F32, device=dev)
-        coef = torch.empty(2, rows, dtype=_F32, device=dev) if need_dx \
-            else per_row
         with self._device(x3):
-            part = self._grad_sums_parts(dy, x3, mean_in)
-            _launch(mixing_kernels._backward_rows_kernel, sample_programs,
-                    part[0], part[1], part.shape[1], mean_in, var_in,
-                    *mixing.or_dummy(weight), *mixing.args(), per_row,
-                    per_sample, share_parts, n, c, float(eps), num_warps=8,
-                    HAS_WEIGHT=weight is not None, HAS_BN=mixing.has_bn, K=k,
-                    BLOCK_N=block_n, BLOCK_C=block_c)
-            _launch(mixing_kernels._backward_columns_kernel, column_programs,
-                    per_row, per_sample, mean_in, *mixing.args(),
-                    param_grads[0], param_grads[1], share_parts,
-                    sample_programs, coef, n, c, length,
-                    float(length - correction), num_warps=8,
-                    HAS_BN=mixing.has_bn, POOLED_BN=bool(pooled_bn),
-                    NEED_DX=bool(need_dx), BLOCK_N=col_n, BLOCK_C=col_c)
-            shares = share_parts.sum(0)
-            dx = (self._grad_input(dy, x3, mean_in, per_row[4], coef[0],
-                                   coef[1]) if need_dx else
-                  x3.new_empty(0))
-        return dx, param_grads[0], param_grads[1], shares[:k], shares[k:]
+            return launch.backward(self._plan(x3), dy, f32(mean_in),
+                                   f32(var_in), weight, mean_share,
+                                   var_share, False, bn, bool(pooled_bn),
+                                   eps, correction, need_dx, _F32, _F32)
+
+    # -- the layer operators' kernels (mmsn.ops.layer_kernels) -------------
+    def layer_train(self, x, weight, bias, mean_weight, var_weight,
+                    running_mean, running_var, num_batches_tracked,
+                    nonfinite, softmax, momentum, moving_average, eps,
+                    unbiased, update_stats):
+        """``switchable_norm_train``: ``(y, mean_in, var_in)``; moves the
+        running statistics (or counts a non-finite batch) on the device."""
+        x3 = self._layer_rows(x, 'layer_train')
+        k = _branches(mean_weight, var_weight)
+        running = None
+        if k == 3 and update_stats and running_mean is not None:
+            running = RunningStats(running_mean, running_var,
+                                   num_batches_tracked, nonfinite, momentum,
+                                   moving_average)
+        with self._device(x3):
+            plan = self._plan(x3)
+            mean_in, var_in = launch.moments(plan, _correction(x3, unbiased))
+            y3 = launch.output(plan, mean_in, var_in, weight, bias,
+                               mean_weight, var_weight, softmax,
+                               POOLED if k == 3 else None, eps,
+                               running=running)
+        return _as_input(y3, x), mean_in, var_in
+
+    def layer_eval(self, x, weight, bias, mean_weight, var_weight,
+                   running_mean, running_var, nonfinite, softmax, eps,
+                   unbiased):
+        """``switchable_norm_eval``: ``(y, mean_in, var_in)``; counts a
+        call with non-finite statistics in ``nonfinite``."""
+        x3 = self._layer_rows(x, 'layer_eval')
+        k = _branches(mean_weight, var_weight)
+        bn = None
+        if k == 3:
+            if running_mean is None or running_var is None:
+                raise ValueError('TritonBackend.layer_eval: running '
+                                 'statistics are needed with a BN branch')
+            bn = (running_mean, running_var)
+        with self._device(x3):
+            plan = self._plan(x3)
+            mean_in, var_in = launch.moments(plan, _correction(x3, unbiased))
+            y3 = launch.output(plan, mean_in, var_in, weight, bias,
+                               mean_weight, var_weight, softmax, bn, eps,
+                               count_eval=nonfinite)
+        return _as_input(y3, x), mean_in, var_in
+
+    def layer_backward(self, grad_y, x, mean_in, var_in, weight, mean_weight,
+                       var_weight, running_mean, running_var, softmax,
+                       batch_stats, eps, unbiased, need_dx):
+        """``switchable_norm_backward``: gradients of (x, weight, bias,
+        mean_weight, var_weight); dx is empty unless ``need_dx``."""
+        x3 = self._layer_rows(x, 'layer_backward')
+        dy3 = grad_y.reshape(x3.shape)
+        _check_like(dy3, x3, 'layer_backward')
+        k = _branches(mean_weight, var_weight)
+        bn = None
+        if k == 3:
+            bn = POOLED if batch_stats else (running_mean, running_var)
+        param_dtype = weight.dtype if weight is not None else mean_in.dtype
+        with self._device(x3):
+            dx3, *grads = launch.backward(
+                self._plan(x3), dy3, f32(mean_in), f32(var_in), weight,
+                mean_weight, var_weight, softmax, bn, bn is POOLED, eps,
+                _correction(x3, unbiased), need_dx, param_dtype,
+                mean_weight.dtype)
+        return (_as_input(dx3, x) if need_dx else x.new_empty(0), *grads)
+
+    def _layer_rows(self, x: Tensor, name: str) -> Tensor:
+        if x.dim() < 2 or x.numel() == 0:
+            raise ValueError(f'TritonBackend.{name}: expected a non-empty '
+                             f'(N, C, ...) input, got shape {tuple(x.shape)}')
+        x3 = x.reshape(x.shape[0], x.shape[1], -1)
+        self._check(x3, name)
+        return x3
 
 
-class _Mixing:
-    """The importance shares and BN statistics as kernel arguments."""
+def _branches(mean_weight: Tensor, var_weight: Tensor) -> int:
+    k = mean_weight.numel()
+    if k not in (2, 3) or var_weight.numel() != k:
+        raise ValueError(
+            'TritonBackend: expected 3 importance weights [IN, LN, BN] or 2 '
+            f'[IN, LN] for the means and the variances, got {k} and '
+            f'{var_weight.numel()}')
+    return k
 
-    def __init__(self, mean_share, var_share, batch_mean, batch_var):
-        if (batch_mean is None) != (batch_var is None):
-            raise ValueError('TritonBackend: batch mean and variance must be '
-                             'given together')
-        self.has_bn = batch_mean is not None
-        self.branches = 3 if self.has_bn else 2
-        if mean_share.numel() != self.branches or \
-                var_share.numel() != self.branches:
-            raise ValueError(
-                f'TritonBackend: expected {self.branches} importance shares '
-                'for the means and the variances, got '
-                f'{mean_share.numel()} and {var_share.numel()}')
-        self.w, self.u = _f32(mean_share), _f32(var_share)
-        self.bn = (_f32(batch_mean), _f32(batch_var)) if self.has_bn else (
-            self.w, self.w)
 
-    def args(self):
-        return (self.w, self.u, *self.bn)
+def _given_bn(mean_share, var_share, batch_mean, batch_var):
+    """The fused methods' BN statistics, checked against the shares."""
+    if (batch_mean is None) != (batch_var is None):
+        raise ValueError('TritonBackend: batch mean and variance must be '
+                         'given together')
+    k = 2 if batch_mean is None else 3
+    if mean_share.numel() != k or var_share.numel() != k:
+        raise ValueError(
+            f'TritonBackend: expected {k} importance shares for the means '
+            f'and the variances, got {mean_share.numel()} and '
+            f'{var_share.numel()}')
+    return None if batch_mean is None else (batch_mean, batch_var)
 
-    def or_dummy(self, t):
-        """An optional per-channel tensor as one pointer argument (unused
-        when None: the kernel's HAS_* flag is off)."""
-        return (self.w if t is None else _f32(t), )
+
+def _correction(x3: Tensor, unbiased: bool) -> int:
+    # one position has variance 0 by any definition: the biased estimate
+    return 1 if unbiased and x3.shape[2] > 1 else 0
+
+
+def _as_input(y3: Tensor, x: Tensor) -> Tensor:
+    """Rows back to x's shape: with x's strides when x is dense (the rows
+    are a view of it, NCHW or channels_last alike), else contiguous."""
+    return y3.view(x.shape)
 
 
 def _check_like(dy: Tensor, x3: Tensor, name: str) -> None:
@@ -329,11 +313,3 @@ def _check_like(dy: Tensor, x3: Tensor, name: str) -> None:
             f'TritonBackend.{name}: grad of shape {tuple(dy.shape)}, '
             f'{dy.dtype} on {dy.device} does not match the input '
             f'{tuple(x3.shape)} on {x3.device}')
-
-
-def _empty_grads(x3, c, k, need_dx):
-    """Gradients of an input without elements: zero sums."""
-    zeros = x3.new_zeros(2, c, dtype=_F32)
-    shares = x3.new_zeros(2 * k, dtype=_F32)
-    dx = torch.empty_like(x3) if need_dx else x3.new_empty(0)
-    return dx, zeros[0], zeros[1], shares[:k], shares[k:]

@@ -1,6 +1,7 @@
-"""Triton kernels of SN's passes over the big tensor (used by
-:mod:`.triton`; the per-(n, c) algebra between them is in
-:mod:`.triton_mixing`).
+"""Triton kernels of SN's row passes over the big tensor (launched by
+:mod:`.triton_launch`; the whole layer's kernels, with the per-(n, c)
+algebra inside, are in :mod:`.triton_layer` and
+:mod:`.triton_layer_backward`).
 
 The tensor is viewed as (N, C, L) with any strides. A program owns
 ``BLOCK_C`` channels of one sample and a chunk of ``chunk`` positions (a
@@ -17,6 +18,8 @@ are used.
 import triton
 import triton.language as tl
 
+from .triton_stats import arrive
+
 
 @triton.jit
 def _tile(pid, c_blocks, splits, chunk, C, L, BLOCK_C: tl.constexpr):
@@ -32,17 +35,18 @@ def _tile(pid, c_blocks, splits, chunk, C, L, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _moments_kernel(x_ptr, mean_ptr, var_ptr, C, L, sxn, sxc, sxl,
-                    c_blocks, splits, chunk, rows, dof,
+def _moments_kernel(x_ptr, mean_ptr, var_ptr, part_ptr, ticket_ptr, C, L,
+                    sxn, sxc, sxl, c_blocks, splits, chunk, rows, dof,
                     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
                     SPLIT: tl.constexpr):
-    """Mean and squared deviations of each row (chunk), in float32 without
-    cancellation: values are shifted by the row's first one (a pivot all
-    splits of the row share), each lane of the tile keeps a Welford mean
-    and m2 of the values it sees (no reduction inside the loop), and the
-    lanes are merged at the end (Chan's formula as two sums). Unsplit rows
-    store (mean, m2 / dof); split ones store the chunk's (mean - pivot, m2)
-    at ``s * rows + row``."""
+    """Mean and variance (squared deviations / dof) of each row, in float32
+    without cancellation: values are shifted by the row's first one (a
+    pivot all splits of the row share), each lane of the tile keeps a
+    Welford mean and m2 of the values it sees (no reduction inside the
+    loop), and the lanes are merged at the end (Chan's formula as two
+    sums). Split rows store each chunk's (mean - pivot, m2) in ``part``
+    (layout (2, splits, rows)); the last split of a tile to finish (a
+    ticket per tile) merges them in split order."""
     pid = tl.program_id(0)
     n, cs, c_mask, start, end = _tile(pid, c_blocks, splits, chunk, C, L,
                                       BLOCK_C)
@@ -66,38 +70,33 @@ def _moments_kernel(x_ptr, mean_ptr, var_ptr, C, L, sxn, sxc, sxl,
     d = mean - row_mean[:, None]
     row_m2 = tl.sum(m2 + count * d * d, axis=1)
     row = n * C + cs
+    pivot = tl.sum(pivot, axis=1)
     if SPLIT:
-        out = (pid % splits) * rows + row
-        tl.store(mean_ptr + out, row_mean, mask=c_mask)
-        tl.store(var_ptr + out, row_m2, mask=c_mask)
+        part_mean = part_ptr + row
+        part_m2 = part_ptr + splits * rows + row
+        tl.store(part_mean + (pid % splits) * rows, row_mean, mask=c_mask)
+        tl.store(part_m2 + (pid % splits) * rows, row_m2, mask=c_mask)
+        tile = pid // splits
+        if arrive(ticket_ptr + tile, splits):
+            tl.store(ticket_ptr + tile, 0)
+            row_mean = tl.zeros([BLOCK_C], tl.float32)
+            for s in range(splits):
+                size = tl.minimum(L - s * chunk, chunk) * 1.0
+                row_mean += size * tl.load(part_mean + s * rows, mask=c_mask,
+                                           other=0., cache_modifier='.cg')
+            row_mean = row_mean / L
+            row_m2 = tl.zeros([BLOCK_C], tl.float32)
+            for s in range(splits):
+                size = tl.minimum(L - s * chunk, chunk) * 1.0
+                dev = tl.load(part_mean + s * rows, mask=c_mask, other=0.,
+                              cache_modifier='.cg') - row_mean
+                row_m2 += tl.load(part_m2 + s * rows, mask=c_mask, other=0.,
+                                  cache_modifier='.cg') + size * dev * dev
+            tl.store(mean_ptr + row, pivot + row_mean, mask=c_mask)
+            tl.store(var_ptr + row, row_m2 / dof, mask=c_mask)
     else:
-        tl.store(mean_ptr + row, tl.sum(pivot, axis=1) + row_mean,
-                 mask=c_mask)
+        tl.store(mean_ptr + row, pivot + row_mean, mask=c_mask)
         tl.store(var_ptr + row, row_m2 / dof, mask=c_mask)
-
-
-@triton.jit
-def _merge_moments_kernel(x_ptr, part_mean_ptr, part_m2_ptr, mean_ptr,
-                          var_ptr, C, sxn, sxc, rows, L, chunk, splits, dof,
-                          BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the (mean - pivot, m2) of a row's chunks (layout (splits,
-    rows)): the weighted mean, then m2 + count * (chunk mean - mean)^2
-    summed; the pivot is added back last."""
-    rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = rs < rows
-    ss = tl.arange(0, BLOCK_S)
-    mask = r_mask[:, None] & (ss < splits)[None, :]
-    offs = ss[None, :] * rows + rs[:, None]
-    part_mean = tl.load(part_mean_ptr + offs, mask=mask, other=0.)
-    part_m2 = tl.load(part_m2_ptr + offs, mask=mask, other=0.)
-    count = tl.maximum(tl.minimum(L - ss * chunk, chunk), 0) * 1.0
-    mean = tl.sum(part_mean * count[None, :], axis=1) / L
-    d = tl.where(mask, part_mean - mean[:, None], 0.)
-    m2 = tl.sum(part_m2 + d * d * count[None, :], axis=1)
-    pivot = tl.load(x_ptr + (rs // C).to(tl.int64) * sxn + (rs % C) * sxc,
-                    mask=r_mask, other=0.).to(tl.float32)
-    tl.store(mean_ptr + rs, pivot + mean, mask=r_mask)
-    tl.store(var_ptr + rs, m2 / dof, mask=r_mask)
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """How SN's Triton kernels cover the tensor: tile shapes along the
-contiguous axis, splitting of long rows across programs, and the blocks of
-the small per-(n, c) kernels. Plain Python, cached per shape."""
+contiguous axis and splitting of long rows across programs. Plain Python,
+cached per shape."""
 import functools
 from typing import NamedTuple
 
@@ -10,7 +10,7 @@ import torch
 # spans several rows, and each thread keeps per-row coefficients for its
 # rows, so larger tiles of short rows cost registers)
 TILE = 2048
-# elements per tile of the (N, C) statistics in the small kernels
+# elements per block of the (N, C) statistics the kernels pool
 SMALL_TILE = 2048
 _MAX_POSITIONS_PER_TILE = 1024
 _MAX_CHANNELS_PER_TILE = 128
@@ -71,23 +71,6 @@ def plan_tiles(n: int, c: int, length: int, channels_contiguous: bool,
     num_warps = 8 if block_c * block_l >= 2048 else 4
     return Tiles(block_c, block_l, c_blocks, splits, chunk,
                  whole_rows * splits, num_warps)
-
-
-@functools.lru_cache(maxsize=512)
-def sample_blocks(n: int, c: int, tile: int):
-    """(BLOCK_N, BLOCK_C) of the per-sample kernels: whole rows of the
-    (N, C) statistics, several samples per program when C is small."""
-    block_c = min(next_power_of_2(c), tile)
-    block_n = min(next_power_of_2(n), max(1, tile // block_c))
-    return block_n, block_c
-
-
-@functools.lru_cache(maxsize=512)
-def column_blocks(n: int, c: int, tile: int):
-    """(BLOCK_N, BLOCK_C) of the per-channel kernel."""
-    block_n = min(next_power_of_2(n), 64, tile)
-    block_c = min(next_power_of_2(c), max(1, tile // block_n))
-    return block_n, block_c
 
 
 def default_min_programs(device: torch.device) -> int:
