@@ -2,6 +2,7 @@
 BatchNorm's dispatched operators through the layer operators, and graphs
 that torch.compile captures whole (issue 17). Counts only; times are the
 benchmark's (tools/analysis/benchmark_norm.py)."""
+import contextlib
 import copy
 import warnings
 
@@ -14,7 +15,7 @@ from mmsn import (SparseSwitchableNorm1d, SparseSwitchableNorm2d,
                   SparseSwitchableNorm3d, SwitchableNorm1d, SwitchableNorm2d,
                   SwitchableNorm3d, SyncSwitchableNorm)
 from mmsn.analysis.host_path import graph_breaks, layer_costs
-from mmsn.ops import backends
+from mmsn.ops import backends, compile_with_layer_ops
 
 C = 6
 
@@ -175,6 +176,27 @@ def test_no_graph_breaks(name, norm, train):
 
     breaks, reasons = graph_breaks(step if not train else net, (x, ))
     assert breaks == 0, reasons
+
+
+@pytest.mark.parametrize('name,norm,traced_as_operator', [
+    ('SN', SwitchableNorm2d, True),
+    ('SSN', _ssn(SparseSwitchableNorm2d), False)], ids=['SN', 'SSN'])
+def test_compiled_graph_traces_each_layer_as_it_chooses(name, norm,
+                                                        traced_as_operator):
+    """SN as its layer operators (the eager kernels), SSN as plain ops (its
+    freeze writes parameters in place); compile_with_layer_ops forces
+    either."""
+    import torch._dynamo
+    net = _Net(norm)
+    x = torch.randn(2, 3, 6, 6)
+    for forced in (None, True, False):
+        torch._dynamo.reset()
+        context = compile_with_layer_ops(forced) if forced is not None \
+            else contextlib.nullcontext()
+        with context:
+            code = torch._dynamo.explain(net)(x).graphs[0].code
+        expected = traced_as_operator if forced is None else forced
+        assert ('mmsn.switchable_norm_train' in code) == expected, forced
 
 
 def _steps(model, x, steps=3):

@@ -59,20 +59,20 @@ def autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
-# Under torch.compile, SN layers are traced as plain ops (the composite
-# path, which inductor fuses with its neighbours) rather than as the opaque
-# layer operators: tools/analysis/benchmark_norm.py's compile section
-# measures both.
-_compile_with_layer_ops = False
+# Under torch.compile, each layer says how it is traced (SN: as its layer
+# operators; SSN: as plain ops, see _SwitchableNorm._compile_as_layer_ops);
+# compile_with_layer_ops() forces one way for all (the benchmark compares
+# both: tools/analysis/benchmark_norm.py --sections compile).
+_compile_with_layer_ops: Optional[bool] = None
 
 
 @contextlib.contextmanager
 def compile_with_layer_ops(enabled: bool = True):
-    """Inside the block, torch.compile traces SN layers as their layer
-    operators (opaque to inductor) instead of as plain ops."""
+    """Inside the block, torch.compile traces every SN layer as its layer
+    operators (``enabled``; opaque to inductor, the eager kernels) or as
+    plain ops (inductor fuses them with their neighbours), whatever the
+    layer's own choice."""
     global _compile_with_layer_ops
-    if enabled:
-        layer_ops()  # loaded here: tracing must not load a library
     saved, _compile_with_layer_ops = _compile_with_layer_ops, enabled
     try:
         yield
@@ -80,14 +80,24 @@ def compile_with_layer_ops(enabled: bool = True):
         _compile_with_layer_ops = saved
 
 
-def layer_ops_for(x: Tensor):
+@torch.compiler.assume_constant_result
+def _layer_ops_loaded() -> bool:
+    """Whether the layer operators exist, as a constant to the tracer (which
+    must not trace the loading of a library: it runs here, eagerly)."""
+    return layer_ops() is not None
+
+
+def layer_ops_for(x: Tensor, under_compile: bool = True):
     """The layer operators (:func:`.library.layer_ops`) where they run
     ``x``: mmsn._C is loaded, no tracer or exporter records the call (under
-    torch.compile: see :func:`compile_with_layer_ops`) and no path other
-    than the device's default is forced (``MMSN_SN_PATH``). None otherwise:
-    the layers then call :func:`mixed_norm`."""
+    torch.compile: when ``under_compile``, the layer's choice, or as
+    :func:`compile_with_layer_ops` forces) and no path other than the
+    device's default is forced (``MMSN_SN_PATH``). None otherwise: the
+    layers then call :func:`mixed_norm`."""
     if torch.compiler.is_compiling():
-        if not _compile_with_layer_ops:
+        if _compile_with_layer_ops is not None:
+            under_compile = _compile_with_layer_ops
+        if not (under_compile and _layer_ops_loaded()):
             return None
     elif torch.jit.is_tracing():
         return None

@@ -166,7 +166,7 @@ def bench_compiled_resnet(batch: int, size: int, reps: int):
             with torch.no_grad():
                 compiled(x)
 
-        context = compile_with_layer_ops() if opaque \
+        context = compile_with_layer_ops(opaque) if norm == 'SN' \
             else contextlib.nullcontext()
         with context:
             start = time.perf_counter()

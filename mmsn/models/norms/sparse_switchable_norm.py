@@ -37,6 +37,10 @@ class _SparseSwitchableNorm(_SwitchableNorm):
     """
     _abbr_ = 'ssn'
     _default_momentum = 0.003
+    # Traced as plain ops under torch.compile: the operators' freeze writes
+    # the importance weights in place, which AOTAutograd cannot replay where
+    # activation checkpointing recomputes the forward.
+    _compile_as_layer_ops = False
 
     def __init__(self, num_features: int, *args, **kwargs) -> None:
         super().__init__(num_features, *args, **kwargs)
