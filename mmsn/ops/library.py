@@ -56,6 +56,12 @@ def layer_ops() -> Optional[SimpleNamespace]:
     return _registered(ops)
 
 
+def loaded_layer_ops() -> Optional[SimpleNamespace]:
+    """The layer operators if :func:`layer_ops` has loaded them, else None
+    (without loading anything: what torch.compile's tracer may read)."""
+    return _LAYER_OPS
+
+
 def _registered(ops) -> Optional[SimpleNamespace]:
     global _LAYER_OPS
     if not hasattr(ops, 'switchable_norm_train'):

@@ -23,6 +23,7 @@ from .backends.base import is_dense, memory_format_of
 from ._capture import capturing_graph
 from .composite import composite_norm
 from .function import fused_norm
+from . import library
 from .library import layer_ops
 from .statistics import (LOW_PRECISION, BatchStats, BatchStatsFn,
                          batch_stats_from_instance, in_var_correction,
@@ -80,13 +81,6 @@ def compile_with_layer_ops(enabled: bool = True):
         _compile_with_layer_ops = saved
 
 
-@torch.compiler.assume_constant_result
-def _layer_ops_loaded() -> bool:
-    """Whether the layer operators exist, as a constant to the tracer (which
-    must not trace the loading of a library: it runs here, eagerly)."""
-    return layer_ops() is not None
-
-
 def layer_ops_for(x: Tensor, under_compile: bool = True):
     """The layer operators (:func:`.library.layer_ops`) where they run
     ``x``: mmsn._C is loaded, no tracer or exporter records the call (under
@@ -97,7 +91,9 @@ def layer_ops_for(x: Tensor, under_compile: bool = True):
     if torch.compiler.is_compiling():
         if _compile_with_layer_ops is not None:
             under_compile = _compile_with_layer_ops
-        if not (under_compile and _layer_ops_loaded()):
+        # the tracer reads the loaded operators as a constant (it must not
+        # trace a library's loading: SN layers load it when built)
+        if not (under_compile and library.loaded_layer_ops() is not None):
             return None
     elif torch.jit.is_tracing():
         return None

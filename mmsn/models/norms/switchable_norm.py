@@ -22,6 +22,7 @@ from mmsn.ops._capture import capturing_graph
 from mmsn.ops.statistics import (NONFINITE_SLOTS, PooledBatchStats,
                                  nonfinite_slot, stats_dtype,
                                  update_running_stats_)
+from mmsn.ops.library import layer_ops
 from mmsn.ops.switchable_norm import (autocast_off, batch_stats_from_instance,
                                       layer_ops_for, mixed_norm)
 from .nonfinite import NonFiniteReport
@@ -186,6 +187,10 @@ class _SwitchableNorm(_BatchNorm):
             torch.zeros(NONFINITE_SLOTS, dtype=torch.long, device=device),
             persistent=False)
         self._nonfinite_report = NonFiniteReport()
+        # the kernels load (or compile, once per machine) with the first
+        # layer built, so that torch.compile, which must not trace the
+        # loading, finds them
+        layer_ops()
         self.reset_parameters()
         for param in self.parameters():
             param.requires_grad_(requires_grad)
