@@ -65,10 +65,11 @@ def test_pipeline_packs_one_channel_images():
     assert sample['data_samples'].gt_label.item() in range(10)
 
 
-# The demo reached 98.33 (353 of 359) where the README says; this leaves
-# three images for other platforms' arithmetic. A wrong SN, or a demo that no
-# longer learns, falls well below.
-KNOWN_TOP1 = 98.0
+# The demo reached 98.33 (353 of 359) where the README says (97.77-98.89
+# over thread counts and releases: the order of float sums moves a few
+# images); this leaves three images for other platforms' arithmetic. A wrong
+# SN, or a demo that no longer learns, falls well below.
+KNOWN_TOP1 = 97.5
 
 
 @pytest.fixture(scope='module')
