@@ -8,7 +8,7 @@ message), and a damaged prebuilt ``mmsn._C`` is not imported. The library is
 built in a staging folder and moved into place whole.
 
 The cache tests run SN in fresh processes with a private ``MMSN_CACHE``;
-they compile twice (about 20 s each on 2 idle cores).
+they compile twice (about 40 s each on 2 idle cores).
 """
 import json
 import os

@@ -79,7 +79,7 @@ if [ ! -f "$core_stamp" ]; then
     # mmcv-lite unless full mmcv (from --all) is already there: both
     # install the same `mmcv` package.
     has_module mmcv || pip install -q "${C[@]}" mmcv-lite
-    log "installing mmsn (editable) and compiling its CPU kernels (~20 s)"
+    log "installing mmsn (editable) and compiling its CPU kernels (~40 s)"
     # --no-build-isolation: mmsn._C compiles against the torch above
     pip install -q --no-deps --no-build-isolation -e .
     "$VENV/bin/python" -c "import os, mmsn, mmpretrain

@@ -9,7 +9,7 @@ for the op namespace. In order:
    only if ``_C.build.json`` beside it names the running torch, Python and
    kernel sources, and the library's size and SHA-256.
 3. Otherwise the sources shipped in ``mmsn/ops/csrc`` are compiled on first
-   use with ``torch.utils.cpp_extension`` (about 20 s, once per torch
+   use with ``torch.utils.cpp_extension`` (about 40 s, once per torch
    version) into ``$MMSN_CACHE/ext/<key>`` (default ``~/.cache/mmsn``) and
    loaded from there afterwards. A file lock lets processes that start
    together (distributed ranks, parallel tests) compile once and share it.
@@ -282,7 +282,7 @@ def _compile_once(info, out_dir, library) -> Optional[str]:
         return _damage_note(library, record) + (
             f'mmsn found no C++ compiler (`{compiler}`; install g++, or '
             f'set CXX) to compile its CPU kernels, so {_COST}. With a '
-            f'compiler they compile on first use (about 20 s, once per '
+            f'compiler they compile on first use (about 40 s, once per '
             f'torch version); {_SILENCE}.')
     ninja_dir = _find_ninja()
     if ninja_dir is None:
@@ -347,7 +347,7 @@ def _compile(info, out_dir, library, ninja_dir, damage) -> Optional[str]:
     again = (f'again ({library} is damaged: {damage}) '
              if damage else '')
     _say(f'compiling the CPU kernels of Switchable Normalization {again}for '
-         f"torch {info['torch']} (once per torch version; about 20 s on 2 "
+         f"torch {info['torch']} (once per torch version; about 40 s on 2 "
          f'idle cores) into {out_dir}; {_SILENCE}')
     start = time.monotonic()
     path = os.environ.get('PATH', '')
