@@ -83,12 +83,15 @@ def compile_with_layer_ops(enabled: bool = True):
 
 def layer_ops_for(x: Tensor, under_compile: bool = True):
     """The layer operators (:func:`.library.layer_ops`) where they run
-    ``x``: mmsn._C is loaded, no tracer or exporter records the call (under
-    torch.compile: when ``under_compile``, the layer's choice, or as
-    :func:`compile_with_layer_ops` forces) and no path other than the
+    ``x``: mmsn._C is loaded, no tracer or exporter records the call
+    (torch.export never; under torch.compile: when ``under_compile``, the
+    layer's choice, or as :func:`compile_with_layer_ops` forces) and no
+    path other than the
     device's default is forced (``MMSN_SN_PATH``). None otherwise: the
     layers then call :func:`mixed_norm`."""
     if torch.compiler.is_compiling():
+        if torch.compiler.is_exporting():
+            return None  # an exported program holds plain operators only
         if _compile_with_layer_ops is not None:
             under_compile = _compile_with_layer_ops
         # the tracer reads the loaded operators as a constant (it must not
