@@ -8,7 +8,9 @@
    of a value (``aten._local_scalar_dense``) and synchronising CUDA calls
    (``torch.cuda.set_sync_debug_mode``), and the host's time to issue one
    call;
-2. a ResNet-50 (mmpretrain) training step, BN and SN, eager and under
+2. where SN's host time goes, function by function (cProfile; the
+   backward run on the calling thread so that the profiler sees it);
+3. a ResNet-50 (mmpretrain) training step, BN and SN, eager and under
    ``torch.compile(mode='reduce-overhead')`` (SN traced as its layer
    operators, so that its Triton kernels run inside the CUDA graph).
 """
@@ -23,6 +25,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmsn import SwitchableNorm2d
+from mmsn.analysis.host_path import host_profile
 from mmsn.ops.switchable_norm import compile_with_layer_ops, layer_ops_for
 
 # (N, C, H=W): a mid-network ResNet-50 shape and a launch-bound one
@@ -196,6 +199,36 @@ def layer_tables(report, args, device):
     report(f'\nmmsn SN ran through its {path}.\n')
 
 
+def profile_tables(report, args, device):
+    """SN's host time by function, training fwd+bwd and eval forward, at
+    the first layer shape."""
+    shape = LAYER_SHAPES[0]
+    if args.shapes:
+        shape = tuple(int(v) for v in args.shapes[0].split(','))
+    calls, _ = _layer_calls(shape, device)
+    n, c, hw = shape
+    report(f'### Where SN\'s host time goes ({n}, {c}, {hw}, {hw}; '
+           'cProfile)\n')
+    report('Per call, the 12 functions with the most host time of their '
+           'own (self) and with what they call (total), in microseconds, '
+           'over 50 profiled calls. The profiler slows Python functions: '
+           'compare shares, not these totals with the issue times above. '
+           'Builtins (`<...>`) include the C++ they run, down to the next '
+           'Python function.\n')
+    for mode, label in (('fwdbwd', 'train fwd+bwd'), ('eval', 'eval fwd')):
+        _sync(device)
+        rows = host_profile(calls[(mode, 'SN')], reps=50)
+        _sync(device)
+        report(f'{label}:\n')
+        report('| function | calls | self us | total us |')
+        report('|---|---|---|---|')
+        for r in rows:
+            name = r.function.replace('|', '/')
+            report(f'| `{name}` | {r.calls:.3g} | {r.self_us:.1f} | '
+                   f'{r.total_us:.1f} |')
+        report()
+
+
 def _steps(common, args, device):
     """Training-step closures: BN and SN, eager and compiled."""
     batch = args.resnet_batch
@@ -273,9 +306,9 @@ def resnet_compiled(common, report, args, device, timer):
 def run(common, report, args, device, timer) -> None:
     """Both sections; each reports its own failure and lets the other run.
     """
-    for section in (layer_tables, resnet_compiled):
+    for section in (layer_tables, profile_tables, resnet_compiled):
         try:
-            if section is layer_tables:
+            if section is not resnet_compiled:
                 section(report, args, device)
             elif not args.skip_resnet:
                 section(common, report, args, device, timer)
