@@ -232,3 +232,40 @@ def test_compiled_fullgraph_equals_eager(name, norm, checkpointed):
     compiled_net.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x))
+
+
+def _leaf():
+    return sum(range(50))
+
+
+def _called_three_times():
+    for _ in range(3):
+        _leaf()
+
+
+def test_host_profile_counts_per_call_and_sees_the_backward():
+    from mmsn.analysis.host_path import host_profile
+
+    rows = {r.function: r for r in host_profile(_called_three_times, reps=7,
+                                                top=50)}
+    leaf = [r for name, r in rows.items() if name.endswith('(_leaf)')]
+    assert len(leaf) == 1 and leaf[0].calls == 3
+    assert 0 < leaf[0].self_us <= leaf[0].total_us
+
+    class Square(torch.autograd.Function):
+
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x, ) = ctx.saved_tensors
+            return 2 * x * grad
+
+    x = torch.randn(3, requires_grad=True)
+    names = [r.function for r in host_profile(
+        lambda: Square.apply(x).sum().backward(), reps=4, top=200)]
+    assert any(name.endswith('(backward)') and 'test_host_path' in name
+               for name in names), names
