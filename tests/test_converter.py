@@ -538,3 +538,31 @@ def test_cli_reports_error(tmp_path):
     assert proc.returncode == 1
     assert 'no "state_dict"' in proc.stderr
     assert not dst.exists()
+
+
+def test_config_given_by_file_name(converted, tmp_path, capsys,
+                                   monkeypatch):
+    """--config takes one of mmsn's configs by its file name, as mim does,
+    from any folder; the keys are checked against that config's model (the
+    v2 config refuses a v1 checkpoint, which the name alone cannot)."""
+    _, src, _ = converted('resnetv1sn50', True)
+    monkeypatch.chdir(tmp_path)
+    dst = tmp_path / 'by_name.pth'
+    assert load_tool().main([src, str(dst), '--config',
+                             'resnet50_sn_8xb32']) == 0
+    printed = capsys.readouterr().out.splitlines()
+    prefix = 'Load it with the config '
+    assert printed[-1].startswith(prefix)
+    # the package's configs folder may be a link to the checkout's
+    assert osp.realpath(printed[-1][len(prefix):]) == osp.realpath(
+        osp.join(REPO, 'configs', 'resnet50_sn_8xb32.py'))
+    assert dst.exists()
+
+    got = _run_tool(src, tmp_path / 'v2.pth', capsys,
+                    ['--config', 'resnet50v2_sn_8xb32.py'])
+    assert 'resnet50v2_sn_8xb32.py' in got and 'shape' in got
+    got = _run_tool(src, tmp_path / 'typo.pth', capsys,
+                    ['--config', 'resnet50_sn_8xb3.py'])
+    assert got.startswith("'resnet50_sn_8xb3.py' is neither a file nor the "
+                          "name of a config among mmsn's configs")
+    assert 'did you mean resnet50_sn_8xb32.py' in got

@@ -610,3 +610,27 @@ def test_fallback_when_the_model_needs_mmsn():
     assert report['norms'] == ['model.backbone.norm_cfg']
     assert any('PreActResNet' in t for t in report['model_needs_mmsn'])
     assert new.custom_imports.imports == ['mmsn_runtime', 'mmsn']
+
+
+def test_tool_takes_a_config_by_its_file_name(tmp_path, capsys,
+                                              monkeypatch):
+    """As mim does (``mim run mmsn collapse_norms NAME.py ...``): one of
+    mmsn's configs by its file name, from any folder; an unknown name is a
+    refusal that suggests the close ones."""
+    _, ckpt = _trained_like(SSN_DEMO, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / 'deploy'
+    assert load_tool(TOOL).main(['resnet_ssn_digits', ckpt, str(out),
+                                 '--input-shape', '1', '8', '8']) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        'resnet_ssn_digits_collapsed.pth', 'resnet_ssn_digits_collapsed.py']
+    written = Config.fromfile(str(out / 'resnet_ssn_digits_collapsed.py'),
+                              import_custom_modules=False)
+    assert written.model.backbone.norm_cfg.type == 'CollapsedNorm'
+
+    message = _refusal(['resnet_ssn_digit.py', ckpt, tmp_path / 'typo'],
+                       capsys)
+    assert message.startswith("'resnet_ssn_digit.py' is neither a file nor "
+                              "the name of a config among mmsn's configs")
+    assert 'did you mean resnet_ssn_digits.py' in message
+    assert not (tmp_path / 'typo').exists()

@@ -22,6 +22,7 @@ from torch import nn
 
 from mmsn.utils.io import (DamagedFileError, atomic_output,
                            check_zip_records, load_error_reason)
+from mmsn.utils.tool_setup import find_config
 from mmsn_runtime import CollapsedNorm
 from .collapse import CollapseError, collapse_model
 from .config import collapsed_config
@@ -196,7 +197,9 @@ def collapse_checkpoint(config: str,
                         batch: str = 'random',
                         batch_size: int = 2,
                         input_shape: Optional[Sequence[int]] = None) -> dict:
-    """Write ``OUT_DIR/<config name>_collapsed.{py,pth}``.
+    """Write ``OUT_DIR/<config name>_collapsed.{py,pth}``. ``config``: a
+    path, or the file name of one of mmsn's configs (as ``mim train``
+    takes it).
 
     Returns:
         dict: ``picks`` (:class:`LayerPick` list), ``config`` and
@@ -213,6 +216,7 @@ def collapse_checkpoint(config: str,
             output folder that cannot be written.
     """
     try:
+        config = find_config(config)
         cfg = Config.fromfile(config)
     except FileNotFoundError as err:
         raise CollapseError(str(err)) from None

@@ -29,7 +29,10 @@ from mmsn.deploy import CollapseError, collapse_checkpoint
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Collapse SSN/SN layers into the norms they picked')
-    parser.add_argument('config', help='config of the trained model')
+    parser.add_argument(
+        'config',
+        help='config of the trained model: a path, or the file name of one '
+        'of mmsn\'s configs')
     parser.add_argument('checkpoint', help='its checkpoint')
     parser.add_argument('out_dir', help='where to write the .py and .pth')
     parser.add_argument(

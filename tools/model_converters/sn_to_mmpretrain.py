@@ -29,24 +29,28 @@ def parse_args(argv=None):
         help='architecture, for a source without a "model" entry')
     parser.add_argument(
         '--config',
-        help='check the keys against the model of this config instead of '
-        'the built-in description of the architecture')
+        help='check the keys against the model of this config (a path, or '
+        'the file name of one of mmsn\'s configs) instead of the built-in '
+        'description of the architecture')
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model_cfg = None
-    if args.config:
-        from mmengine.config import Config
-        model_cfg = Config.fromfile(args.config).model
+    model_cfg = config = None
     try:
+        if args.config:
+            from mmengine.config import Config
+
+            from mmsn.utils.tool_setup import find_config
+            config = find_config(args.config)
+            model_cfg = Config.fromfile(config).model
         meta = convert_checkpoint(
             args.src,
             args.dst,
             model=args.model,
             model_cfg=model_cfg,
-            config=args.config)
+            config=config)
     except (ConversionError, FileNotFoundError) as err:
         print(f'error: {err}\nNothing was written to {args.dst}.',
               file=sys.stderr)
