@@ -35,6 +35,73 @@ def _tile(pid, c_blocks, splits, chunk, C, L, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _tile_affine(x_ptr, y_ptr, n, cs, c_mask, start, end, sxn, sxc, sxl,
+                 syn, syc, syl, mean, scale, shift, BLOCK_L: tl.constexpr):
+    """y = (x - mean) * scale + shift over the tile; per-row (BLOCK_C,)
+    coefficients."""
+    mean = mean[:, None]
+    scale = scale[:, None]
+    shift = shift[:, None]
+    n64 = n.to(tl.int64)
+    x_base = x_ptr + n64 * sxn + cs[:, None] * sxc
+    y_base = y_ptr + n64 * syn + cs[:, None] * syc
+    for l0 in range(start, end, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L)
+        mask = c_mask[:, None] & (ls < end)[None, :]
+        x = tl.load(x_base + ls[None, :] * sxl, mask=mask, other=0.)
+        y = (x.to(tl.float32) - mean) * scale + shift
+        tl.store(y_base + ls[None, :] * syl, y.to(y_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _tile_grad_sums(dy_ptr, x_ptr, n, cs, c_mask, start, end, sdn, sdc,
+                    sdl, sxn, sxc, sxl, mean, BLOCK_C: tl.constexpr,
+                    BLOCK_L: tl.constexpr):
+    """Per row of the tile, sum(dy * (x - mean)) and sum(dy): summed in 2D
+    and reduced once at the end."""
+    mean = mean[:, None]
+    n64 = n.to(tl.int64)
+    x_base = x_ptr + n64 * sxn + cs[:, None] * sxc
+    dy_base = dy_ptr + n64 * sdn + cs[:, None] * sdc
+    dot = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
+    total = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
+    for l0 in range(start, end, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L)
+        mask = c_mask[:, None] & (ls < end)[None, :]
+        x = tl.load(x_base + ls[None, :] * sxl, mask=mask, other=0.)
+        dy = tl.load(dy_base + ls[None, :] * sdl, mask=mask, other=0.)
+        dy = dy.to(tl.float32)
+        dot += dy * (x.to(tl.float32) - mean)
+        total += dy
+    return tl.sum(dot, axis=1), tl.sum(total, axis=1)
+
+
+@triton.jit
+def _tile_grad_input(dy_ptr, x_ptr, dx_ptr, n, cs, c_mask, start, end, sdn,
+                     sdc, sdl, sxn, sxc, sxl, son, soc, sol, mean, a, b, k,
+                     BLOCK_L: tl.constexpr):
+    """dx = a * dy + b * (x - mean) + k over the tile; per-row (BLOCK_C,)
+    coefficients."""
+    mean = mean[:, None]
+    a = a[:, None]
+    b = b[:, None]
+    k = k[:, None]
+    n64 = n.to(tl.int64)
+    x_base = x_ptr + n64 * sxn + cs[:, None] * sxc
+    dy_base = dy_ptr + n64 * sdn + cs[:, None] * sdc
+    dx_base = dx_ptr + n64 * son + cs[:, None] * soc
+    for l0 in range(start, end, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L)
+        mask = c_mask[:, None] & (ls < end)[None, :]
+        x = tl.load(x_base + ls[None, :] * sxl, mask=mask, other=0.)
+        dy = tl.load(dy_base + ls[None, :] * sdl, mask=mask, other=0.)
+        dx = a * dy.to(tl.float32) + b * (x.to(tl.float32) - mean) + k
+        tl.store(dx_base + ls[None, :] * sol, dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
 def _moments_kernel(x_ptr, mean_ptr, var_ptr, part_ptr, ticket_ptr, C, L,
                     sxn, sxc, sxl, c_blocks, splits, chunk, rows, dof,
                     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -110,19 +177,10 @@ def _affine_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, C, L,
     n, cs, c_mask, start, end = _tile(pid, c_blocks, splits, chunk, C, L,
                                       BLOCK_C)
     row = n * C + cs
-    mean = tl.load(mean_ptr + row, mask=c_mask, other=0.)[:, None]
-    scale = tl.load(scale_ptr + row, mask=c_mask, other=0.)[:, None]
-    shift = tl.load(shift_ptr + row, mask=c_mask, other=0.)[:, None]
-    n64 = n.to(tl.int64)
-    x_base = x_ptr + n64 * sxn + cs[:, None] * sxc
-    y_base = y_ptr + n64 * syn + cs[:, None] * syc
-    for l0 in range(start, end, BLOCK_L):
-        ls = l0 + tl.arange(0, BLOCK_L)
-        mask = c_mask[:, None] & (ls < end)[None, :]
-        x = tl.load(x_base + ls[None, :] * sxl, mask=mask, other=0.)
-        y = (x.to(tl.float32) - mean) * scale + shift
-        tl.store(y_base + ls[None, :] * syl, y.to(y_ptr.dtype.element_ty),
-                 mask=mask)
+    _tile_affine(x_ptr, y_ptr, n, cs, c_mask, start, end, sxn, sxc, sxl, syn,
+                 syc, syl, tl.load(mean_ptr + row, mask=c_mask, other=0.),
+                 tl.load(scale_ptr + row, mask=c_mask, other=0.),
+                 tl.load(shift_ptr + row, mask=c_mask, other=0.), BLOCK_L)
 
 
 @triton.jit
@@ -135,23 +193,13 @@ def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, dot_ptr, sum_ptr, C, L,
     n, cs, c_mask, start, end = _tile(pid, c_blocks, splits, chunk, C, L,
                                       BLOCK_C)
     row = n * C + cs
-    mean = tl.load(mean_ptr + row, mask=c_mask, other=0.)[:, None]
-    n64 = n.to(tl.int64)
-    x_base = x_ptr + n64 * sxn + cs[:, None] * sxc
-    dy_base = dy_ptr + n64 * sdn + cs[:, None] * sdc
-    dot = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
-    total = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
-    for l0 in range(start, end, BLOCK_L):
-        ls = l0 + tl.arange(0, BLOCK_L)
-        mask = c_mask[:, None] & (ls < end)[None, :]
-        x = tl.load(x_base + ls[None, :] * sxl, mask=mask, other=0.)
-        dy = tl.load(dy_base + ls[None, :] * sdl, mask=mask, other=0.)
-        dy = dy.to(tl.float32)
-        dot += dy * (x.to(tl.float32) - mean)
-        total += dy
+    dot, total = _tile_grad_sums(
+        dy_ptr, x_ptr, n, cs, c_mask, start, end, sdn, sdc, sdl, sxn, sxc,
+        sxl, tl.load(mean_ptr + row, mask=c_mask, other=0.), BLOCK_C,
+        BLOCK_L)
     out = (pid % splits) * rows + row
-    tl.store(dot_ptr + out, tl.sum(dot, axis=1), mask=c_mask)
-    tl.store(sum_ptr + out, tl.sum(total, axis=1), mask=c_mask)
+    tl.store(dot_ptr + out, dot, mask=c_mask)
+    tl.store(sum_ptr + out, total, mask=c_mask)
 
 
 @triton.jit
@@ -165,19 +213,9 @@ def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, k_ptr,
     n, cs, c_mask, start, end = _tile(pid, c_blocks, splits, chunk, C, L,
                                       BLOCK_C)
     row = n * C + cs
-    mean = tl.load(mean_ptr + row, mask=c_mask, other=0.)[:, None]
-    a = tl.load(a_ptr + row, mask=c_mask, other=0.)[:, None]
-    b = tl.load(b_ptr + row, mask=c_mask, other=0.)[:, None]
-    k = tl.load(k_ptr + row, mask=c_mask, other=0.)[:, None]
-    n64 = n.to(tl.int64)
-    x_base = x_ptr + n64 * sxn + cs[:, None] * sxc
-    dy_base = dy_ptr + n64 * sdn + cs[:, None] * sdc
-    dx_base = dx_ptr + n64 * son + cs[:, None] * soc
-    for l0 in range(start, end, BLOCK_L):
-        ls = l0 + tl.arange(0, BLOCK_L)
-        mask = c_mask[:, None] & (ls < end)[None, :]
-        x = tl.load(x_base + ls[None, :] * sxl, mask=mask, other=0.)
-        dy = tl.load(dy_base + ls[None, :] * sdl, mask=mask, other=0.)
-        dx = a * dy.to(tl.float32) + b * (x.to(tl.float32) - mean) + k
-        tl.store(dx_base + ls[None, :] * sol, dx.to(dx_ptr.dtype.element_ty),
-                 mask=mask)
+    _tile_grad_input(dy_ptr, x_ptr, dx_ptr, n, cs, c_mask, start, end, sdn,
+                     sdc, sdl, sxn, sxc, sxl, son, soc, sol,
+                     tl.load(mean_ptr + row, mask=c_mask, other=0.),
+                     tl.load(a_ptr + row, mask=c_mask, other=0.),
+                     tl.load(b_ptr + row, mask=c_mask, other=0.),
+                     tl.load(k_ptr + row, mask=c_mask, other=0.), BLOCK_L)

@@ -14,8 +14,8 @@ them counts the call. Nothing is read back to the host.
 import triton
 import triton.language as tl
 
-from .triton_kernels import _tile
-from .triton_stats import (FLT_MAX, arrive, batch_stats, layer_stats,
+from .triton_kernels import _tile, _tile_affine
+from .triton_stats import (FLT_MAX, arrive, branch_stats, layer_stats,
                            load_shares, mixed)
 
 # slots of a layer's ``nonfinite`` counter (mmsn.ops.statistics)
@@ -122,17 +122,9 @@ def _layer_forward_kernel(
     row = n * C + cs
     m = tl.load(mean_ptr + row, mask=c_mask, other=0.)
     v = tl.load(var_ptr + row, mask=c_mask, other=0.)
-    bn_mean = m
-    bn_var = v
-    if K == 3:
-        if POOL_BN:
-            bn_mean, bn_var = batch_stats(mean_ptr, var_ptr, cs, c_mask, N, C,
-                                          BLOCK_N, BLOCK_C)
-        else:
-            bn_mean = tl.load(bn_mean_ptr + cs, mask=c_mask,
-                              other=0.).to(tl.float32)
-            bn_var = tl.load(bn_var_ptr + cs, mask=c_mask,
-                             other=0.).to(tl.float32)
+    bn_mean, bn_var = branch_stats(mean_ptr, var_ptr, bn_mean_ptr,
+                                   bn_var_ptr, m, v, cs, c_mask, N, C, K,
+                                   POOL_BN, BLOCK_N, BLOCK_C)
     mean = mixed(m, ln_mean, bn_mean, w0, w1, w2, K == 3)
     var = mixed(v, ln_var, bn_var, u0, u1, u2, K == 3)
     scale = tl.rsqrt(var + eps)
@@ -142,16 +134,8 @@ def _layer_forward_kernel(
     shift = (m - mean) * scale
     if HAS_BIAS:
         shift += tl.load(bias_ptr + cs, mask=c_mask, other=0.).to(tl.float32)
-    n64 = n.to(tl.int64)
-    x_base = x_ptr + n64 * sxn + cs[:, None] * sxc
-    y_base = y_ptr + n64 * syn + cs[:, None] * syc
-    for l0 in range(start, end, BLOCK_L):
-        ls = l0 + tl.arange(0, BLOCK_L)
-        mask = c_mask[:, None] & (ls < end)[None, :]
-        x = tl.load(x_base + ls[None, :] * sxl, mask=mask, other=0.)
-        y = (x.to(tl.float32) - m[:, None]) * scale[:, None] + shift[:, None]
-        tl.store(y_base + ls[None, :] * syl, y.to(y_ptr.dtype.element_ty),
-                 mask=mask)
+    _tile_affine(x_ptr, y_ptr, n, cs, c_mask, start, end, sxn, sxc, sxl, syn,
+                 syc, syl, m, scale, shift, BLOCK_L)
     first_split = pid % splits == 0
     if UPDATE:
         if (n == 0) & first_split:

@@ -28,8 +28,9 @@ equal gradients for inputs with a large mean, keeps its precision.
 import triton
 import triton.language as tl
 
-from .triton_kernels import _tile
-from .triton_stats import arrive, batch_stats, layer_stats, load_shares, mixed
+from .triton_kernels import _tile, _tile_grad_input, _tile_grad_sums
+from .triton_stats import (arrive, branch_stats, layer_stats, load_shares,
+                           mixed)
 
 # fields of the per-tile and per-sample sums
 _FIELDS = tl.constexpr(10)
@@ -131,17 +132,9 @@ def _row_grads(dot, sum_dy, n, cs, c_mask, tile, mean_ptr, var_ptr,
     row = n * C + cs
     m = tl.load(mean_ptr + row, mask=c_mask, other=0.)
     v = tl.load(var_ptr + row, mask=c_mask, other=0.)
-    bn_mean = m
-    bn_var = v
-    if K == 3:
-        if POOL_BN:
-            bn_mean, bn_var = batch_stats(mean_ptr, var_ptr, cs, c_mask, N, C,
-                                          BLOCK_N, BLOCK_C)
-        else:
-            bn_mean = tl.load(bn_mean_ptr + cs, mask=c_mask,
-                              other=0.).to(tl.float32)
-            bn_var = tl.load(bn_var_ptr + cs, mask=c_mask,
-                             other=0.).to(tl.float32)
+    bn_mean, bn_var = branch_stats(mean_ptr, var_ptr, bn_mean_ptr,
+                                   bn_var_ptr, m, v, cs, c_mask, N, C, K,
+                                   POOL_BN, BLOCK_N, BLOCK_C)
     mean = mixed(m, ln_mean, bn_mean, w0, w1, w2, K == 3)
     var = mixed(v, ln_var, bn_var, u0, u1, u2, K == 3)
     rstd = tl.rsqrt(var + eps)
@@ -210,22 +203,10 @@ def _layer_backward_kernel(
     n, cs, c_mask, start, end = _tile(pid, c_blocks, splits, chunk, C, L,
                                       BLOCK_C)
     row = n * C + cs
-    mean = tl.load(mean_ptr + row, mask=c_mask, other=0.)[:, None]
-    n64 = n.to(tl.int64)
-    x_base = x_ptr + n64 * sxn + cs[:, None] * sxc
-    dy_base = dy_ptr + n64 * sdn + cs[:, None] * sdc
-    dot = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
-    total = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
-    for l0 in range(start, end, BLOCK_L):
-        ls = l0 + tl.arange(0, BLOCK_L)
-        mask = c_mask[:, None] & (ls < end)[None, :]
-        x = tl.load(x_base + ls[None, :] * sxl, mask=mask, other=0.)
-        dy = tl.load(dy_base + ls[None, :] * sdl, mask=mask, other=0.)
-        dy = dy.to(tl.float32)
-        dot += dy * (x.to(tl.float32) - mean)
-        total += dy
-    dot_row = tl.sum(dot, axis=1)
-    sum_row = tl.sum(total, axis=1)
+    dot_row, sum_row = _tile_grad_sums(
+        dy_ptr, x_ptr, n, cs, c_mask, start, end, sdn, sdc, sdl, sxn, sxc,
+        sxl, tl.load(mean_ptr + row, mask=c_mask, other=0.), BLOCK_C,
+        BLOCK_L)
     tile = pid // splits
     if SPLIT:
         rows = N * C
@@ -296,19 +277,6 @@ def _layer_grad_input_kernel(
         grad_mean_in += 2. * (m - bn_mean) * gv_bn - gm_bn
         grad_var_in += gv_bn
     # d var_in / dx = 2 (x - mean_in) / dof, d mean_in / dx = 1 / L
-    b = (grad_var_in * (2. / dof))[:, None]
-    k = (grad_mean_in / L)[:, None]
-    a = scale[:, None]
-    m = m[:, None]
-    n64 = n.to(tl.int64)
-    x_base = x_ptr + n64 * sxn + cs[:, None] * sxc
-    dy_base = dy_ptr + n64 * sdn + cs[:, None] * sdc
-    dx_base = dx_ptr + n64 * son + cs[:, None] * soc
-    for l0 in range(start, end, BLOCK_L):
-        ls = l0 + tl.arange(0, BLOCK_L)
-        mask = c_mask[:, None] & (ls < end)[None, :]
-        x = tl.load(x_base + ls[None, :] * sxl, mask=mask, other=0.)
-        dy = tl.load(dy_base + ls[None, :] * sdl, mask=mask, other=0.)
-        dx = a * dy.to(tl.float32) + b * (x.to(tl.float32) - m) + k
-        tl.store(dx_base + ls[None, :] * sol, dx.to(dx_ptr.dtype.element_ty),
-                 mask=mask)
+    _tile_grad_input(dy_ptr, x_ptr, dx_ptr, n, cs, c_mask, start, end, sdn,
+                     sdc, sdl, sxn, sxc, sxl, son, soc, sol, m, scale,
+                     grad_var_in * (2. / dof), grad_mean_in / L, BLOCK_L)

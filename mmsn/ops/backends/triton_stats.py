@@ -92,6 +92,27 @@ def batch_stats(mean_ptr, var_ptr, cs, c_mask, N, C, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def branch_stats(mean_ptr, var_ptr, bn_mean_ptr, bn_var_ptr, m, v, cs,
+                 c_mask, N, C, K: tl.constexpr, POOL_BN: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The BN statistics channels ``cs`` mix: pooled from the IN ones
+    (POOL_BN) or given at ``bn_mean``/``bn_var``; without a BN branch
+    (K == 2) the IN ones ``m``, ``v`` (unused)."""
+    bn_mean = m
+    bn_var = v
+    if K == 3:
+        if POOL_BN:
+            bn_mean, bn_var = batch_stats(mean_ptr, var_ptr, cs, c_mask, N, C,
+                                          BLOCK_N, BLOCK_C)
+        else:
+            bn_mean = tl.load(bn_mean_ptr + cs, mask=c_mask,
+                              other=0.).to(tl.float32)
+            bn_var = tl.load(bn_var_ptr + cs, mask=c_mask,
+                             other=0.).to(tl.float32)
+    return bn_mean, bn_var
+
+
+@triton.jit
 def mixed(stat_in, stat_ln, stat_bn, s0, s1, s2, HAS_BN: tl.constexpr):
     """``in + s1 (ln - in) + s2 (bn - in)``: equal statistics (a constant
     input) give exactly that statistic although float shares do not sum to
