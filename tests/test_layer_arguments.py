@@ -5,6 +5,7 @@ momentum, affine, using_bn, moving_average, unbiased) against the float64
 equations (tests/sn_reference.py) with those values, for the output, every
 gradient and the running statistics over two steps."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -169,3 +170,29 @@ def test_eps_is_the_layer_s_on_a_constant_input(path):
     # mean over the sample of dy)
     want = 2.0 / math.sqrt(eps) * (dy - dy.mean((1, 2, 3), keepdim=True))
     torch.testing.assert_close(x.grad, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('path', PATHS)
+@pytest.mark.parametrize('bad', [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('cls', [SwitchableNorm2d, SparseSwitchableNorm2d],
+                         ids=lambda c: c.__name__)
+def test_a_bad_value_leaves_the_other_outputs_exact(path, bad, training,
+                                                    cls):
+    """A NaN or Inf at (sample 1, channel 2) reaches that sample's LN and
+    that channel's BN statistics: every output the equations leave finite
+    is still exact (rows next to a bad one are computed apart, with the
+    layer's own eps)."""
+    layer = _layer(cls, dict(eps=0.3, momentum=0.3)).train(training)
+    x = _input((3, C, 2, 3))
+    x[1, 2, 0, 1] = bad
+    want, _, _ = _reference(layer, x, torch.ones_like(x), training)
+    with backends.forced(path), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tests/test_nonfinite_report.py
+        y = layer(x).detach()
+    finite = torch.isfinite(want)
+    # all but sample 1 (and channel 2 of the others in training)
+    assert int(finite.sum()) == (36 if training else 48)
+    torch.testing.assert_close(y[finite], want[finite], rtol=1e-9,
+                               atol=1e-9)
+    assert not torch.isfinite(y[~finite]).any()
