@@ -152,6 +152,15 @@ def test_freeze_rule_case_by_case(impl, with_grads):
         assert g[0].tolist() == [0., 0., 0.]
         assert g[1].tolist() == grads[1].tolist()
 
+    # flagged, whatever the shares handed in: the one-hot vector of their
+    # largest entry (the flag, not the shares, decides)
+    p, f, g = _freeze(impl, params, (0, 1), grads, (mixed, mixed))
+    assert p[0].tolist() == params[0].tolist()
+    assert p[1].tolist() == [0., 1., 0.]
+    assert f == [0, 1]
+    if with_grads:
+        assert g[1].tolist() == [0., 0., 0.]
+
 
 @pytest.mark.parametrize('impl', list(FREEZE))
 def test_freeze_keeps_the_parameter_dtype(impl):
