@@ -196,3 +196,27 @@ def test_a_bad_value_leaves_the_other_outputs_exact(path, bad, training,
     torch.testing.assert_close(y[finite], want[finite], rtol=1e-9,
                                atol=1e-9)
     assert not torch.isfinite(y[~finite]).any()
+
+
+@pytest.mark.parametrize('path', PATHS)
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+def test_ssn_freezes_in_training_only_on_every_path(path, training):
+    """Shares that come out one-hot are stored and flagged by a training
+    forward; an eval forward leaves the parameters and flags alone."""
+    layer = _layer(SparseSwitchableNorm2d, {}).train(training)
+    logits = torch.tensor([0.1, 3.0, -2.0], dtype=torch.float64)
+    with torch.no_grad():
+        layer.radius.fill_(0.3)
+        layer.mean_weight.copy_(logits)  # one-hot already by sparsemax
+        layer.var_weight.copy_(torch.tensor([.5, .25, .375]))  # mixed
+    with backends.forced(path):
+        layer(_input((3, C, 2, 2))).sum().backward()
+    if training:
+        assert layer.mean_fixed.tolist() == [1]
+        assert layer.mean_weight.tolist() == [0., 1., 0.]
+        assert layer.mean_weight.grad.tolist() == [0., 0., 0.]
+    else:
+        assert layer.mean_fixed.tolist() == [0]
+        assert layer.mean_weight.tolist() == logits.tolist()
+    assert layer.var_fixed.tolist() == [0]
+    assert layer.var_weight.tolist() == [.5, .25, .375]
