@@ -22,30 +22,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmsn import SwitchableNorm2d
-from mmsn.analysis.host_path import host_profile
+from mmsn.analysis.host_path import HOST_SYNC, count_dispatch, host_profile
 from mmsn.ops.switchable_norm import compile_with_layer_ops, layer_ops_for
 
 # (N, C, H=W): a mid-network ResNet-50 shape and a launch-bound one
 LAYER_SHAPES = [(32, 256, 14), (8, 512, 7)]
 NAN = float('nan')
-
-
-class DispatchCounter(TorchDispatchMode):
-    """Ops dispatched (a custom operator counts one, whatever its kernel
-    runs) and host reads of a tensor's value."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _sync(device):
@@ -95,20 +79,20 @@ def device_work(fn, reps, device):
 def host_counts(fn, device):
     """(ops dispatched, host reads, synchronising CUDA calls, Triton
     launches) of one call."""
-    counter, launches = DispatchCounter(), [0]
+    launches = [0]
     syncs = NAN
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         if device.type == 'cuda':
             torch.cuda.set_sync_debug_mode('warn')
         try:
-            with _triton_launches(launches), counter:
-                fn()
+            with _triton_launches(launches):
+                ops = count_dispatch(fn)
         finally:
             if device.type == 'cuda':
                 torch.cuda.set_sync_debug_mode('default')
                 syncs = sum('synchroniz' in str(w.message) for w in caught)
-    return counter.ops, counter.reads, syncs, launches[0]
+    return sum(ops.values()), ops[HOST_SYNC], syncs, launches[0]
 
 
 def issue_us(fn, reps, device) -> float:
