@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .backends import RowBackend
-from .backends.base import is_dense, memory_format_of
+from .backends.base import is_dense, like_input
 from .function import _forward, backward_passes, backward_state
 from .statistics import (NONFINITE_EVAL, PooledBatchStats,
                          batch_stats_from_instance, in_var_correction,
@@ -29,17 +29,6 @@ def _rows(backend: RowBackend, x: Tensor) -> Tensor:
     if backend.takes_strided and x3.dtype in backend.input_dtypes:
         return x3 if is_dense(x3) else x3.contiguous()
     return x3.contiguous()
-
-
-def _like(y3: Tensor, x: Tensor) -> Tensor:
-    """Rows back to x's shape, dtype and memory format."""
-    y = y3.reshape(x.shape)
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    fmt = memory_format_of(x)
-    if fmt is not None and not y.is_contiguous(memory_format=fmt):
-        y = y.contiguous(memory_format=fmt)
-    return y
 
 
 def _shares(mean_weight: Tensor, var_weight: Tensor, softmax: bool,
@@ -83,7 +72,7 @@ def train(backend: RowBackend, x, weight, bias, mean_weight, var_weight,
         SimpleNamespace(), backend, x3, weight, bias,
         *_shares(mean_weight, var_weight, softmax, dtype), batch_fn, eps,
         in_var_correction(x3.shape[2], unbiased), False)
-    return _like(y3, x), mean_in, var_in
+    return like_input(y3, x), mean_in, var_in
 
 
 def evaluate(backend: RowBackend, x, weight, bias, mean_weight, var_weight,
@@ -104,7 +93,7 @@ def evaluate(backend: RowBackend, x, weight, bias, mean_weight, var_weight,
     if nonfinite is not None:
         bad = ~(torch.isfinite(mean_in).all() & torch.isfinite(var_in).all())
         nonfinite[NONFINITE_EVAL] += bad.to(nonfinite.dtype)
-    return _like(y3, x), mean_in, var_in
+    return like_input(y3, x), mean_in, var_in
 
 
 def backward(backend: RowBackend, grad_y, x, mean_in, var_in, weight,
@@ -138,7 +127,7 @@ def backward(backend: RowBackend, grad_y, x, mean_in, var_in, weight,
     if softmax:
         grads[3] = _softmax_backward(shares[0], grads[3])
         grads[4] = _softmax_backward(shares[1], grads[4])
-    dx = _like(grads[0], x) if need_dx else x.new_empty(0)
+    dx = like_input(grads[0], x) if need_dx else x.new_empty(0)
     like = weight if weight is not None else mean_in
     c = x.shape[1]
     d_weight = grads[1] if grads[1] is not None else mean_in.new_zeros(c)

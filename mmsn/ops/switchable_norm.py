@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends.base import is_dense, memory_format_of
+from .backends.base import is_dense, like_input
 from ._capture import capturing_graph
 from .composite import composite_norm
 from .function import fused_norm
@@ -169,13 +169,7 @@ def mixed_norm(x: Tensor,
             y3 = fused_norm(x3, *args, backend,
                             _needs_grad((x3, weight, bias, mean_share,
                                          var_share)))
-    y = y3.reshape(x.shape)
-    if y.dtype != x.dtype:  # no-op .to() calls trip older ONNX exporters
-        y = y.to(x.dtype)
-    fmt = memory_format_of(x)
-    if fmt is not None and not y.is_contiguous(memory_format=fmt):
-        y = y.contiguous(memory_format=fmt)
-    return y
+    return like_input(y3, x)
 
 
 def switchable_norm(x: Tensor,

@@ -55,6 +55,17 @@ def memory_format_of(x: Tensor) -> Optional[torch.memory_format]:
     return None
 
 
+def like_input(y3: Tensor, x: Tensor) -> Tensor:
+    """Rows (N, C, L) back to x's shape, dtype and memory format."""
+    y = y3.reshape(x.shape)
+    if y.dtype != x.dtype:  # no-op .to() calls trip older ONNX exporters
+        y = y.to(x.dtype)
+    fmt = memory_format_of(x)
+    if fmt is not None and not y.is_contiguous(memory_format=fmt):
+        y = y.contiguous(memory_format=fmt)
+    return y
+
+
 class RowBackend:
     """Base class: the four row passes are required, the fused whole-layer
     methods are optional (set ``fused = True`` when implemented)."""
