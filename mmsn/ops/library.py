@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from . import backends, layer_kernels
-from .sparsestmax import one_hot_argmax, sparsestmax_jacobian
+from .sparsestmax import (freeze_one_hot_, one_hot_argmax,
+                          sparsestmax_jacobian)
 from .statistics import stats_dtype
 
 _LIB: Optional[torch.library.Library] = None
@@ -132,19 +133,10 @@ def _shares_backward_kernel(grad_mean_share, grad_var_share, jacobian):
     return out[0].clone(), out[1].clone()
 
 
-@torch.no_grad()
 def _freeze_kernel(mean_weight, var_weight, mean_fixed, var_fixed, mean_grad,
                    var_grad, mean_share, var_share):
-    for param, flag, grad, share in ((mean_weight, mean_fixed, mean_grad,
-                                      mean_share),
-                                     (var_weight, var_fixed, var_grad,
-                                      var_share)):
-        fixed = flag.bool() | ((share > 0).sum() == 1)
-        param.copy_(torch.where(fixed, one_hot_argmax(share).to(param.dtype),
-                                param))
-        flag.copy_(fixed)
-        if grad is not None:
-            grad.masked_fill_(fixed, 0)
+    freeze_one_hot_(mean_weight, mean_fixed, mean_grad, mean_share)
+    freeze_one_hot_(var_weight, var_fixed, var_grad, var_share)
 
 
 def _with_backend(kernel, backend_for):

@@ -152,7 +152,22 @@ def is_one_hot(shares: Tensor) -> Tensor:
     return (shares > 0).sum(-1, keepdim=True) == 1
 
 
+@torch.no_grad()
+def freeze_one_hot_(param: Tensor, flag: Tensor, grad, share: Tensor) -> None:
+    """SSN's freeze of one importance vector: flag it (``flag``, a (1,)
+    buffer) once its shares ``share`` are one-hot, and write the one-hot
+    vector of the shares' largest entry into ``param`` while flagged; its
+    ``grad`` (if any), accumulated before the freeze, must not move it and
+    is zeroed."""
+    fixed = flag.bool() | is_one_hot(share)
+    param.copy_(torch.where(fixed, one_hot_argmax(share).to(param.dtype),
+                            param))
+    flag.copy_(fixed)
+    if grad is not None:
+        grad.masked_fill_(fixed, 0)
+
+
 __all__ = [
     'sparsemax', 'sparsestmax', 'sparsestmax_jacobian', 'one_hot_argmax',
-    'is_one_hot'
+    'is_one_hot', 'freeze_one_hot_'
 ]

@@ -20,7 +20,7 @@ import torch
 from mmengine.registry import MODELS
 from torch import Tensor
 
-from mmsn.ops.sparsestmax import is_one_hot, one_hot_argmax, sparsestmax
+from mmsn.ops.sparsestmax import freeze_one_hot_, one_hot_argmax, sparsestmax
 from .switchable_norm import _SwitchableNorm
 from .sync_switchable_norm import SYNC_VARIANTS, SyncSwitchableNorm
 
@@ -77,7 +77,7 @@ class _SparseSwitchableNorm(_SwitchableNorm):
     def _forward_shares(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         mean_share, var_share = self.shares(dtype)
         if self.training:
-            self._freeze_one_hot(torch.stack([mean_share, var_share]))
+            self._freeze_one_hot(mean_share, var_share)
         return mean_share, var_share
 
     def _op_weights(self, ops) -> Tuple[Tensor, Tensor, bool]:
@@ -93,22 +93,14 @@ class _SparseSwitchableNorm(_SwitchableNorm):
                                     var_weight.grad, mean_share, var_share)
         return mean_share, var_share, False
 
-    @torch.no_grad()
-    def _freeze_one_hot(self, shares: Tensor) -> None:
+    def _freeze_one_hot(self, mean_share: Tensor, var_share: Tensor) -> None:
         """Flag the vectors whose shares are one-hot and (re)write the one-hot
         vector into the parameters of every flagged vector."""
-        _, fixed = self._logits_and_fixed(shares.dtype)
-        fixed = fixed | is_one_hot(shares)
-        target = one_hot_argmax(shares)
-        for i, (param, flag) in enumerate(
-                ((self.mean_weight, self.mean_fixed),
-                 (self.var_weight, self.var_fixed))):
-            param.copy_(torch.where(fixed[i], target[i].to(param.dtype),
-                                    param))
-            flag.copy_(fixed[i])
-            if param.grad is not None:
-                # gradient accumulated before the freeze must not move it
-                param.grad.masked_fill_(fixed[i], 0)
+        for param, flag, share in ((self.mean_weight, self.mean_fixed,
+                                    mean_share),
+                                   (self.var_weight, self.var_fixed,
+                                    var_share)):
+            freeze_one_hot_(param, flag, param.grad, share)
 
     @torch.no_grad()
     def restore_frozen_(self) -> None:
