@@ -14,6 +14,7 @@ from mmsn import (SparseSwitchableNorm2d, SwitchableNorm1d, SwitchableNorm2d,
                   SwitchableNorm3d)
 from mmsn.ops import backends
 from mmsn.ops.sparsestmax import sparsestmax
+from _layers import randomize_
 from sn_paths import PATHS
 from sn_reference import batch_stats, reference_sn
 
@@ -32,20 +33,8 @@ OPTIONS = [
 
 
 def _layer(cls, kwargs):
-    g = torch.Generator().manual_seed(0)
-    layer = cls(C, **kwargs).double()
+    layer = randomize_(cls(C, **kwargs).double(), batches_tracked=2)
     with torch.no_grad():
-        if layer.affine:
-            layer.weight.copy_(torch.rand(C, generator=g) + .5)
-            layer.bias.copy_(torch.randn(C, generator=g))
-        layer.mean_weight.copy_(torch.randn(layer.mean_weight.shape,
-                                            generator=g))
-        layer.var_weight.copy_(torch.randn(layer.var_weight.shape,
-                                           generator=g))
-        if layer.using_bn:
-            layer.running_mean.copy_(torch.randn(C, generator=g))
-            layer.running_var.copy_(torch.rand(C, generator=g) + .5)
-            layer.num_batches_tracked.fill_(2)
         if hasattr(layer, 'radius'):
             layer.radius.fill_(0.2)
     return layer

@@ -14,6 +14,7 @@ from torch.func import functional_call
 from mmsn import (SparseSwitchableNorm2d, SwitchableNorm1d, SwitchableNorm2d,
                   SwitchableNorm3d, SyncSwitchableNorm)
 from mmsn.ops import backends
+from _layers import randomize_
 from sn_reference import batch_stats, reference_sn
 
 C = 6
@@ -29,19 +30,7 @@ ARITY_IDS = ['1d-NC', '1d-NCL', '2d', '3d']
 
 def make_layer(cls, using_bn=True, dtype=torch.float64, seed=0, **kwargs):
     """A layer with random (non-default) parameters and running stats."""
-    g = torch.Generator().manual_seed(seed)
-    layer = cls(C, using_bn=using_bn, **kwargs).to(dtype)
-    with torch.no_grad():
-        layer.weight.copy_(torch.rand(C, generator=g) + 0.5)
-        layer.bias.copy_(torch.randn(C, generator=g))
-        layer.mean_weight.copy_(torch.randn(layer.mean_weight.shape,
-                                            generator=g))
-        layer.var_weight.copy_(torch.randn(layer.var_weight.shape,
-                                           generator=g))
-        if using_bn:
-            layer.running_mean.copy_(torch.randn(C, generator=g))
-            layer.running_var.copy_(torch.rand(C, generator=g) + 0.5)
-    return layer
+    return randomize_(cls(C, using_bn=using_bn, **kwargs).to(dtype), seed)
 
 
 def make_input(shape, dtype=torch.float64, seed=1):

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmsn import SwitchableNorm2d, SwitchableNorm3d
 from mmsn.ops import layer_kernels
+from _layers import randomize_
 from sn_reference import reference_sn
 
 GPU = torch.cuda.is_available()
@@ -83,21 +84,7 @@ def counted(monkeypatch):
 
 def make_layer(cls, c, seed=0, **kwargs):
     """A float32 layer with random parameters and running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    layer = cls(c, **kwargs)
-    with torch.no_grad():
-        if layer.affine:
-            layer.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            layer.bias.copy_(torch.randn(c, generator=g))
-        layer.mean_weight.copy_(torch.randn(layer.mean_weight.shape,
-                                            generator=g))
-        layer.var_weight.copy_(torch.randn(layer.var_weight.shape,
-                                           generator=g))
-        if layer.using_bn:
-            layer.running_mean.copy_(torch.randn(c, generator=g))
-            layer.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            layer.num_batches_tracked.fill_(3)
-    return layer.to(DEVICE)
+    return randomize_(cls(c, **kwargs), seed, batches_tracked=3).to(DEVICE)
 
 
 def make_x(shape, layout='contiguous', dtype=torch.float32, seed=1):
