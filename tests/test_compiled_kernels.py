@@ -18,15 +18,20 @@ if os.environ.get('MMSN_WITH_OPS') == '0':
 
 ops = torch.ops.mmsn
 
-# (N, C, L): one position; a row shorter than a vector; a ragged length;
-# more rows than one thread's grain (parallel split of rows)
-SHAPES = [(3, 4, 1), (2, 3, 5), (4, 6, 37), (64, 64, 49)]
+# (N, C, L): one position; a row shorter than a vector; rows shorter than
+# 32 positions, which the reductions sum 8 rows at a time, a row per lane
+# (15 and 18 rows: whole groups of 8 and the rest one by one); a ragged
+# length; more rows than one thread's grain (parallel split of rows)
+SHAPES = [(3, 4, 1), (2, 3, 5), (3, 5, 7), (2, 9, 31), (4, 6, 37),
+          (64, 64, 49)]
 # Split between threads: a task holds at least 32768 // L rows (7 and 15
 # here), so 65 rows of 4099 positions go to 2 or 3 threads in chunks of 33
 # or 22 rows, and 2 * 37 rows of 2053 in chunks of 37 or 25 (per sample
 # when there are fewer samples than threads): chunks start part-way
 # through a sample, and N * C divides evenly among neither 2 nor 3 threads.
-THREADED_SHAPES = [(13, 5, 4099), (2, 37, 2053)]
+# 13 * 401 short rows (a task: 4681 or more) go to 2 threads in chunks of
+# 2607, which are not whole groups of 8 rows.
+THREADED_SHAPES = [(13, 5, 4099), (2, 37, 2053), (13, 401, 7)]
 THREADS = [1, 2, 3]
 
 
