@@ -234,6 +234,15 @@ LayerGrads backward_rows(const at::Tensor& dy, const at::Tensor& x,
     // have d/dmean_in = (1 + 2 g_var (mean_in - mean_p)) / count and
     // d/dvar_in = 1 / count.
     const double dvar_dx = 2.0 / static_cast<double>(length - correction);
+    // the BN branch's terms per channel, computed once (zero when the BN
+    // statistics are constants)
+    std::vector<double> gm_bn(c, 0.0), gv_bn(c, 0.0);
+    if (pooled_grad) {
+      for (int64_t j = 0; j < c; ++j) {
+        gm_bn[j] = -gm_col[j] * mix.w[2] / n;
+        gv_bn[j] = gv_col[j] * mix.u[2] / n;
+      }
+    }
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
     scalar_t* pdx = out.dx.mutable_data_ptr<scalar_t>();
@@ -243,23 +252,39 @@ LayerGrads backward_rows(const at::Tensor& dy, const at::Tensor& x,
       for (int64_t r = b; r < e;) {
         const int64_t i = r / c, j0 = r % c, j1 = std::min(c, j0 + (e - r));
         row_grads_block(mix, i, j0, j1, dot, sum_dy, &g);
+        const double gm_ln = gm_row[i] * mix.w[1] / c;
         const double gv_ln = gv_row[i] * mix.u[1] / c;
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t k = j - j0;
-          const double mean_r = mix.mean_in[i * c + j];
-          double grad_mean_in =
-              -(gm_row[i] * mix.w[1] / c + mix.w[0] * g.neg_grad_mean[k]) +
-              2.0 * (mean_r - mix.ln_mean[i]) * gv_ln;
-          double grad_var_in = gv_ln + mix.u[0] * g.grad_var[k];
-          if (pooled_grad) {
-            const double gv_bn = gv_col[j] * mix.u[2] / n;
-            grad_mean_in += -gm_col[j] * mix.w[2] / n +
-                            2.0 * (mean_r - mix.bn_mean[j]) * gv_bn;
-            grad_var_in += gv_bn;
+        const double ln_mean = mix.ln_mean[i], w0 = mix.w[0], u0 = mix.u[0];
+        const scalar_t* mean_in = mix.mean_in + i * c;
+        const double* bn_mean = mix.bn_mean_or_zero.data();
+        // one loop per case, so that each is vectorized and the sums are
+        // those of the formulas, term for term
+        if (pooled_grad) {
+          _Pragma("omp simd")
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t k = j - j0;
+            const double mean_r = mean_in[j];
+            const double grad_mean_in =
+                -(gm_ln + w0 * g.neg_grad_mean[k]) +
+                2.0 * (mean_r - ln_mean) * gv_ln +
+                (gm_bn[j] + 2.0 * (mean_r - bn_mean[j]) * gv_bn[j]);
+            const double grad_var_in = gv_ln + u0 * g.grad_var[k] + gv_bn[j];
+            coef_a[k] = static_cast<scalar_t>(g.scale[k]);
+            coef_b[k] = static_cast<scalar_t>(grad_var_in * dvar_dx);
+            coef_k[k] = static_cast<scalar_t>(grad_mean_in / length);
           }
-          coef_a[k] = static_cast<scalar_t>(g.scale[k]);
-          coef_b[k] = static_cast<scalar_t>(grad_var_in * dvar_dx);
-          coef_k[k] = static_cast<scalar_t>(grad_mean_in / length);
+        } else {
+          _Pragma("omp simd")
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t k = j - j0;
+            const double grad_mean_in =
+                -(gm_ln + w0 * g.neg_grad_mean[k]) +
+                2.0 * (mean_in[j] - ln_mean) * gv_ln;
+            const double grad_var_in = gv_ln + u0 * g.grad_var[k];
+            coef_a[k] = static_cast<scalar_t>(g.scale[k]);
+            coef_b[k] = static_cast<scalar_t>(grad_var_in * dvar_dx);
+            coef_k[k] = static_cast<scalar_t>(grad_mean_in / length);
+          }
         }
         rows_grad_input_block(pdy + r * length, px + r * length,
                               pdx + r * length, j1 - j0, length,

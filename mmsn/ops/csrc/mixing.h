@@ -83,6 +83,105 @@ std::vector<double> softmax_backward(const std::vector<double>& s,
   return out;
 }
 
+// The per-(n, c) loops of a block of channels, on arrays offset to its
+// first channel. They mix float and double, which the compiler vectorizes
+// only beyond the baseline x86-64 width, so they are multiversioned as the
+// row kernels are (rows.h); without FMA contraction (-std=c++20) every
+// version gives the same bits.
+//
+// Mixed mean and 1 / sqrt(mixed variance + eps); whether one was NaN.
+template <typename T>
+MMSN_ALWAYS_INLINE int mix_block_impl(const T* m, const T* v, int64_t count,
+                                      double lm, double lv, const double* bm,
+                                      const double* bv, double wl, double wb,
+                                      double ul, double ub, double eps,
+                                      double* mean, double* rstd) {
+  int nan = 0;  // an int: a bool reduction is not vectorized
+#pragma omp simd reduction(| : nan)
+  for (int64_t k = 0; k < count; ++k) {
+    const double mi = m[k], vi = v[k];
+    const double mm = mi + wl * (lm - mi) + wb * (bm[k] - mi);
+    const double vv = vi + ul * (lv - vi) + ub * (bv[k] - vi);
+    mean[k] = mm;
+    rstd[k] = 1.0 / std::sqrt(vv + eps);
+    nan |= (mm != mm) | (vv != vv);
+  }
+  return nan;
+}
+
+// Per-row scale and shift of y = (x - mean_in) * scale + shift; ``beta``
+// may be null.
+template <typename T>
+MMSN_ALWAYS_INLINE void scale_shift_impl(const T* m, const double* mean,
+                                         const double* rstd,
+                                         const double* gamma,
+                                         const double* beta, int64_t count,
+                                         T* scale, T* shift) {
+  if (beta == nullptr) {
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) {
+      const double sc = gamma[k] * rstd[k];
+      scale[k] = static_cast<T>(sc);
+      shift[k] = static_cast<T>((m[k] - mean[k]) * sc + 0.0);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) {
+      const double sc = gamma[k] * rstd[k];
+      scale[k] = static_cast<T>(sc);
+      shift[k] = static_cast<T>((m[k] - mean[k]) * sc + beta[k]);
+    }
+  }
+}
+
+// Per-row gradients of y = (x - mean) * scale + beta, scale = gamma * rstd,
+// with respect to the mixed mean (negated) and the mixed variance + eps,
+// from the backward's row sums d = sum(dy * (x - mean_in)), s = sum(dy).
+template <typename T>
+MMSN_ALWAYS_INLINE void row_grads_impl(const T* m, const T* d, const T* s,
+                                       const double* gamma,
+                                       const double* mean,
+                                       const double* rstd, int64_t count,
+                                       double* scale, double* centered,
+                                       double* neg_grad_mean,
+                                       double* grad_var) {
+#pragma omp simd
+  for (int64_t k = 0; k < count; ++k) {
+    const double r = rstd[k], sc = gamma[k] * r;
+    const double cen = d[k] + (m[k] - mean[k]) * s[k];
+    scale[k] = sc;
+    centered[k] = cen;
+    neg_grad_mean[k] = sc * s[k];
+    // d rsqrt(v) / dv = -rstd^3 / 2
+    grad_var[k] = -0.5 * cen * sc * r * r;
+  }
+}
+
+#define MMSN_MIXING_KERNELS(T)                                                \
+  MMSN_MULTIVERSION int mix_block(                                            \
+      const T* m, const T* v, int64_t count, double lm, double lv,           \
+      const double* bm, const double* bv, double wl, double wb, double ul,   \
+      double ub, double eps, double* mean, double* rstd) {                   \
+    return mix_block_impl(m, v, count, lm, lv, bm, bv, wl, wb, ul, ub, eps,  \
+                          mean, rstd);                                        \
+  }                                                                           \
+  MMSN_MULTIVERSION void scale_shift_block(                                   \
+      const T* m, const double* mean, const double* rstd,                    \
+      const double* gamma, const double* beta, int64_t count, T* scale,      \
+      T* shift) {                                                             \
+    scale_shift_impl(m, mean, rstd, gamma, beta, count, scale, shift);       \
+  }                                                                           \
+  MMSN_MULTIVERSION void row_grads_kernel(                                    \
+      const T* m, const T* d, const T* s, const double* gamma,               \
+      const double* mean, const double* rstd, int64_t count, double* scale,  \
+      double* centered, double* neg_grad_mean, double* grad_var) {           \
+    row_grads_impl(m, d, s, gamma, mean, rstd, count, scale, centered,       \
+                   neg_grad_mean, grad_var);                                  \
+  }
+
+MMSN_MIXING_KERNELS(float)
+MMSN_MIXING_KERNELS(double)
+
 // Where a layer's BN statistics come from.
 enum class BatchStats { kNone, kGiven, kPooled };
 
@@ -169,17 +268,29 @@ struct Mixing {
     bn_mean.assign(c, 0.0);
     bn_var.assign(c, 0.0);
     for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j < c; ++j) bn_mean[j] += mean_in[i * c + j];
+      const T* m = mean_in + i * c;
+      double* bm = bn_mean.data();
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) bm[j] += m[j];
     }
     for (double& m : bn_mean) m /= n;
+    double* bv = bn_var.data();
+    const double* bm = bn_mean.data();
     for (int64_t i = 0; i < n; ++i) {
+      const T* m = mean_in + i * c;
+      const T* v = var_in + i * c;
+#pragma omp simd
       for (int64_t j = 0; j < c; ++j) {
-        const double m = mean_in[i * c + j];
-        const double d = m - bn_mean[j];
-        bn_var[j] += var_in[i * c + j] + d * d;
-        input_finite = input_finite && std::isfinite(m);
+        const double d = m[j] - bm[j];
+        bv[j] += v[j] + d * d;
       }
     }
+    bool finite = true;
+#pragma omp simd reduction(& : finite)
+    for (int64_t k = 0; k < n * c; ++k) {
+      finite &= std::isfinite(static_cast<double>(mean_in[k]));
+    }
+    input_finite = finite;
     for (int64_t j = 0; j < c; ++j) {
       bn_var[j] /= n;
       batch_finite = batch_finite && std::isfinite(bn_mean[j]) &&
@@ -224,21 +335,10 @@ struct Mixing {
   // one (inf - inf: the plain sum).
   void mixed_block(int64_t i, int64_t j0, int64_t j1, double* mean,
                    double* rstd_out) const {
-    const T* m = mean_in + i * c;
-    const T* v = var_in + i * c;
-    const double lm = ln_mean[i], lv = ln_var[i];
-    const double* bm = bn_mean_or_zero.data();
-    const double* bv = bn_var_or_zero.data();
-    bool nan = false;
-    _Pragma("omp simd reduction(| : nan)")
-    for (int64_t j = j0; j < j1; ++j) {
-      const double mi = m[j], vi = v[j];
-      const double mm = mi + w_ln * (lm - mi) + w_bn * (bm[j] - mi);
-      const double vv = vi + u_ln * (lv - vi) + u_bn * (bv[j] - vi);
-      mean[j - j0] = mm;
-      rstd_out[j - j0] = 1.0 / std::sqrt(vv + eps);
-      nan |= std::isnan(mm) | std::isnan(vv);
-    }
+    const int nan = mix_block(
+        mean_in + i * c + j0, var_in + i * c + j0, j1 - j0, ln_mean[i],
+        ln_var[i], bn_mean_or_zero.data() + j0, bn_var_or_zero.data() + j0,
+        w_ln, w_bn, u_ln, u_bn, eps, mean, rstd_out);
     if (!nan) return;
     for (int64_t j = j0; j < j1; ++j) {
       mean[j - j0] = mixed_mean(i, j);
@@ -270,14 +370,10 @@ void normalize_rows(const Mixing<T>& mix, const std::vector<double>& beta,
   for (int64_t r = b; r < e;) {
     const int64_t i = r / c, j0 = r % c, j1 = std::min(c, j0 + (e - r));
     mix.mixed_block(i, j0, j1, mean.data(), rstd.data());
-    const T* m = mix.mean_in + i * c;
-    const double* gamma = mix.gamma_or_one.data();
-    for (int64_t j = j0; j < j1; ++j) {
-      const double sc = gamma[j] * rstd[j - j0];
-      scale[j - j0] = static_cast<T>(sc);
-      shift[j - j0] = static_cast<T>((m[j] - mean[j - j0]) * sc +
-                                     (beta.empty() ? 0.0 : beta[j]));
-    }
+    scale_shift_block(mix.mean_in + r, mean.data(), rstd.data(),
+                      mix.gamma_or_one.data() + j0,
+                      beta.empty() ? nullptr : beta.data() + j0, j1 - j0,
+                      scale.data(), shift.data());
     rows_affine_block(x + r * length, y + r * length, j1 - j0, length,
                       mix.mean_in + r, scale.data(), shift.data());
     r += j1 - j0;
@@ -300,21 +396,12 @@ template <typename T>
 void row_grads_block(const Mixing<T>& mix, int64_t i, int64_t j0, int64_t j1,
                      const T* dot, const T* sum_dy, RowGradsBlock* g) {
   mix.mixed_block(i, j0, j1, g->mean.data(), g->rstd.data());
-  const T* m = mix.mean_in + i * mix.c;
-  const T* d = dot + i * mix.c;
-  const T* s = sum_dy + i * mix.c;
-  const double* gamma = mix.gamma_or_one.data();
-  _Pragma("omp simd")
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t k = j - j0;
-    const double rstd = g->rstd[k], scale = gamma[j] * rstd;
-    const double centered = d[j] + (m[j] - g->mean[k]) * s[j];
-    g->scale[k] = scale;
-    g->grad_centered[k] = centered;
-    g->neg_grad_mean[k] = scale * s[j];
-    // d rsqrt(v) / dv = -rstd^3 / 2
-    g->grad_var[k] = -0.5 * centered * scale * rstd * rstd;
-  }
+  const int64_t row = i * mix.c + j0;
+  row_grads_kernel(mix.mean_in + row, dot + row, sum_dy + row,
+                   mix.gamma_or_one.data() + j0, g->mean.data(),
+                   g->rstd.data(), j1 - j0, g->scale.data(),
+                   g->grad_centered.data(), g->neg_grad_mean.data(),
+                   g->grad_var.data());
 }
 
 }  // namespace
