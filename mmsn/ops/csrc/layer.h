@@ -217,10 +217,15 @@ LayerGrads backward_rows(const at::Tensor& dy, const at::Tensor& x,
       }
     }
     if (mix.has_bn()) {
+      double gp_bn_mean = 0, gp_bn_var = 0;
+      const double *bm = mix.bn_mean.data(), *bv = mix.bn_var.data();
+      _Pragma("omp simd reduction(+ : gp_bn_mean, gp_bn_var)")
       for (int64_t j = 0; j < c; ++j) {
-        gp_mean[2] += gm_col[j] * mix.bn_mean[j];
-        gp_var[2] += gv_col[j] * mix.bn_var[j];
+        gp_bn_mean += gm_col[j] * bm[j];
+        gp_bn_var += gv_col[j] * bv[j];
       }
+      gp_mean[2] += gp_bn_mean;
+      gp_var[2] += gp_bn_var;
     }
     // gp_mean holds the gradient of the negated mixed mean
     out.d_mean_share = gp_mean;

@@ -285,17 +285,19 @@ struct Mixing {
         bv[j] += v[j] + d * d;
       }
     }
-    bool finite = true;
+    int finite = 1;  // an int: a bool reduction is not vectorized
 #pragma omp simd reduction(& : finite)
     for (int64_t k = 0; k < n * c; ++k) {
       finite &= std::isfinite(static_cast<double>(mean_in[k]));
     }
     input_finite = finite;
+    int finite_stats = 1;
+#pragma omp simd reduction(& : finite_stats)
     for (int64_t j = 0; j < c; ++j) {
-      bn_var[j] /= n;
-      batch_finite = batch_finite && std::isfinite(bn_mean[j]) &&
-                     std::isfinite(bn_var[j]);
+      bv[j] /= n;
+      finite_stats &= std::isfinite(bm[j]) & std::isfinite(bv[j]);
     }
+    batch_finite = finite_stats;
   }
 
   // LN statistics of sample i: mean of the means; mean of var_in +
@@ -304,10 +306,13 @@ struct Mixing {
   void layer_stats(int64_t i) {
     const T* m = mean_in + i * c;
     const T* v = var_in + i * c;
+    // vector sums: a chain of c dependent additions took 3 us at c = 2048
     double s = 0;
+#pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < c; ++j) s += m[j];
     const double mu = s / c;
     double q = 0;
+#pragma omp simd reduction(+ : q)
     for (int64_t j = 0; j < c; ++j) {
       const double d = m[j] - mu;
       q += v[j] + d * d;
