@@ -269,3 +269,22 @@ def test_host_profile_counts_per_call_and_sees_the_backward():
         lambda: Square.apply(x).sum().backward(), reps=4, top=200)]
     assert any(name.endswith('(backward)') and 'test_host_path' in name
                for name in names), names
+
+
+def test_share_convolutions_leaves_only_the_norms_apart():
+    from mmsn.analysis.host_path import share_convolutions
+
+    def net(norm):
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3), norm(4), nn.ReLU(),
+            nn.Sequential(nn.Conv2d(4, 4, 1), norm(4)), nn.Flatten(),
+            nn.Linear(4 * 6 * 6, 2))
+
+    bn, sn = net(nn.BatchNorm2d), net(SwitchableNorm2d)
+    share_convolutions(sn, bn)
+    # nested ones too, found by name
+    assert sn[0] is bn[0] and sn[3][0] is bn[3][0] and sn[5] is bn[5]
+    assert isinstance(sn[1], SwitchableNorm2d)
+    assert isinstance(sn[3][1], SwitchableNorm2d)
+    x = torch.randn(2, 3, 8, 8)
+    assert sn(x).shape == (2, 2)

@@ -41,6 +41,7 @@ from torch import nn
 
 import mmsn  # noqa: F401  (registers 'SN' for mmcv's build_norm_layer)
 from mmsn import SwitchableNorm2d
+from mmsn.analysis.host_path import share_convolutions
 from mmsn.ops import compiled_kernels_available
 
 # (C, H=W, number of norm layers of this shape in ResNet-50)
@@ -278,6 +279,8 @@ def resnet50_steps(device, dtype, batch):
         return model
 
     models = {'BN': build('BN'), 'SN': build('SN')}
+    # the same convolutions: the step times then compare the norms only
+    share_convolutions(models['SN'], models['BN'])
     x = torch.randn(batch, 3, 224, 224, device=device)
     target = torch.randint(0, 1000, (batch, ), device=device)
     opts = {

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmsn
-from mmsn.analysis.host_path import host_times, layer_call, layer_costs
+from mmsn.analysis.host_path import (host_times, layer_call, layer_costs,
+                                     share_convolutions)
 from mmsn.ops import compile_with_layer_ops
 
 
@@ -91,19 +92,6 @@ class _Classifier(nn.Module):
         return self.fc(self.backbone(x)[-1].mean((2, 3)))
 
 
-def _share_convolutions(model: nn.Module, like: nn.Module) -> None:
-    """Give ``model`` the convolutions and linear layer of ``like``, so
-    that the two differ only in their norm layers: their step times then
-    compare the norms, not where each model's weights happen to lie in
-    memory (which moved the convolutions' time by up to 4% between
-    processes)."""
-    shared = dict(like.named_modules())
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            parent, _, attr = name.rpartition('.')
-            setattr(model.get_submodule(parent), attr, shared[name])
-
-
 def _resnet_calls(norms, x, train: bool):
     calls = {}
     target = torch.zeros(x.shape[0], dtype=torch.long)
@@ -114,7 +102,7 @@ def _resnet_calls(norms, x, train: bool):
         if first is None:
             first = model
         else:
-            _share_convolutions(model, first)
+            share_convolutions(model, first)
         if train:
             def step(model=model):
                 model.zero_grad(set_to_none=True)
