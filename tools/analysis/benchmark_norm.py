@@ -194,7 +194,7 @@ def bench_shape(shape, args, device, timer) -> Dict[str, Dict[str, float]]:
     for k, m in norms.items():
         m.train()
         res[k]['mem'] = saved_bytes(lambda: m(x)) / in_bytes
-    del x, dy, norms
+    x = dy = norms = None  # free them before gc.collect()
     gc.collect()
     return res
 
