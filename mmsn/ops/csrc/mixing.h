@@ -267,15 +267,14 @@ struct Mixing {
   void pool_batch_stats() {
     bn_mean.assign(c, 0.0);
     bn_var.assign(c, 0.0);
+    double* bm = bn_mean.data();
+    double* bv = bn_var.data();
     for (int64_t i = 0; i < n; ++i) {
       const T* m = mean_in + i * c;
-      double* bm = bn_mean.data();
 #pragma omp simd
       for (int64_t j = 0; j < c; ++j) bm[j] += m[j];
     }
-    for (double& m : bn_mean) m /= n;
-    double* bv = bn_var.data();
-    const double* bm = bn_mean.data();
+    for (int64_t j = 0; j < c; ++j) bm[j] /= n;
     for (int64_t i = 0; i < n; ++i) {
       const T* m = mean_in + i * c;
       const T* v = var_in + i * c;
