@@ -211,3 +211,10 @@ def test_shapes_for_torch_compile_match_the_kernels(dtype, layout):
     fixed = torch.zeros(1, dtype=torch.long)
     _fake_matches(OPS.sparsestmax_shares, mean_weight, var_weight,
                   torch.tensor([0.3]), fixed, fixed)
+    _fake_matches(OPS.sparse_switchable_norm_train, x, weight, bias,
+                  mean_weight, var_weight, torch.tensor([0.3]), fixed,
+                  fixed.clone(), None, None, mean, var, tracked, nonfinite,
+                  0.1, True, 1e-5, True, True)
+    _fake_matches(OPS.sparse_switchable_norm_eval, x, weight, bias,
+                  mean_weight, var_weight, torch.tensor([0.3]), fixed,
+                  fixed, mean, var, nonfinite, 1e-5, True)

@@ -171,3 +171,174 @@ def test_freeze_keeps_the_parameter_dtype(impl):
     assert [t.dtype for t in p] == [torch.float64] * 2
     assert [t.tolist() for t in p] == [[1., 0., 0.], [0., 1., 0.]]
     assert f == [1, 1]
+
+
+# -- SSN's training forward in one call -------------------------------------
+def _training_state(seed, flags, stale_grads):
+    """x, gamma, beta, the logits (the mean vector one-hot at radius 0.2 for
+    seed 0), radius, flags, stale gradients and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    c = 5
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    mean_weight, var_weight = _logits(seed)
+    if seed == 0:
+        mean_weight = torch.tensor([0.0, 1.5, 0.2], dtype=torch.float64)
+    leaves = [randn(4, c, 3, 2) * 2 + 3, 1 + randn(c) * .3, randn(c) * .3,
+              mean_weight, var_weight]
+    leaves = [t.requires_grad_() for t in leaves]
+    if stale_grads:
+        leaves[3].grad = torch.ones(3, dtype=torch.float64)
+        leaves[4].grad = torch.full((3, ), -2., dtype=torch.float64)
+    state = [torch.tensor([0.2], dtype=torch.float64), _flag(flags[0]),
+             _flag(flags[1]), randn(c), randn(c).abs() + .5,
+             torch.tensor(7), torch.zeros(4, dtype=torch.long)]
+    return leaves, state
+
+
+def _train_in_one_call(leaves, state, momentum, moving_average, update):
+    x, weight, bias, mean_weight, var_weight = leaves
+    radius, mean_fixed, var_fixed, *running = state
+    return OPS.sparse_switchable_norm_train(
+        x, weight, bias, mean_weight, var_weight, radius, mean_fixed,
+        var_fixed, mean_weight.grad, var_weight.grad, *running, momentum,
+        moving_average, 1e-5, True, update)
+
+
+def _train_in_steps(leaves, state, momentum, moving_average, update):
+    """What the layer called before the operator was one: the shares, the
+    freeze, SN's training forward with the shares (each tested above and
+    in test_layer_operators.py)."""
+    x, weight, bias, mean_weight, var_weight = leaves
+    radius, mean_fixed, var_fixed, *running = state
+    mean_share, var_share, _ = OPS.sparsestmax_shares(
+        mean_weight, var_weight, radius, mean_fixed, var_fixed)
+    OPS.sparsestmax_freeze_(mean_weight, var_weight, mean_fixed, var_fixed,
+                            mean_weight.grad, var_weight.grad, mean_share,
+                            var_share)
+    return OPS.switchable_norm_train(x, weight, bias, mean_share, var_share,
+                                     *running, False, momentum,
+                                     moving_average, 1e-5, True, update)
+
+
+OPTIONS = [(0.1, True, True), (None, True, True), (0.3, False, False)]
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+@pytest.mark.parametrize('flags', FLAGS, ids=[f'{a}{b}' for a, b in FLAGS])
+@pytest.mark.parametrize('stale_grads', [False, True])
+@pytest.mark.parametrize('options', OPTIONS,
+                         ids=['momentum', 'cumulative', 'no-update'])
+def test_training_forward_in_one_call_equals_its_steps(seed, flags,
+                                                       stale_grads, options):
+    """The one-call operator against the calls it replaces, bit for bit:
+    the output, the IN statistics, every gradient (the logits' through the
+    SparsestMax Jacobian), the freeze (seed 0: the mean vector comes out
+    one-hot) and the running statistics."""
+    runs = []
+    for call in (_train_in_one_call, _train_in_steps):
+        leaves, state = _training_state(seed, flags, stale_grads)
+        y, mean_in, var_in = call(leaves, state, *options)
+        coef = torch.linspace(-1, 2, y.numel(), dtype=y.dtype)
+        (y * coef.view_as(y)).sum().backward()
+        runs.append([y, mean_in, var_in, *leaves, *state] +
+                    [t.grad for t in leaves])
+    if seed == 0:  # the freeze happened (flags or not)
+        assert runs[0][6].tolist() == [0., 1., 0.]
+        assert runs[0][9].tolist() == [1]
+        assert runs[0][-2].tolist() == [0., 0., 0.]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), (a, b)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+@pytest.mark.parametrize('flags', FLAGS, ids=[f'{a}{b}' for a, b in FLAGS])
+@pytest.mark.parametrize('using_bn', [True, False])
+def test_eval_forward_in_one_call_equals_its_steps(seed, flags, using_bn):
+    """The eval operator against the shares and SN's eval operator, bit for
+    bit, gradients included; nothing is frozen (seed 0 has a one-hot mean
+    vector) and the running statistics are read, not moved."""
+    runs = []
+    for one_call in (True, False):
+        leaves, state = _training_state(seed, flags, False)
+        x, weight, bias, mean_weight, var_weight = leaves
+        radius, mean_fixed, var_fixed, running_mean, running_var, _, bad = \
+            state
+        if not using_bn:
+            mean_weight, var_weight = (mean_weight[:2].detach().clone()
+                                       .requires_grad_(), var_weight[:2]
+                                       .detach().clone().requires_grad_())
+            leaves[3:] = mean_weight, var_weight
+            running_mean = running_var = None
+        if one_call:
+            out = OPS.sparse_switchable_norm_eval(
+                x, weight, bias, mean_weight, var_weight, radius, mean_fixed,
+                var_fixed, running_mean, running_var, bad, 1e-5, True)
+        else:
+            mean_share, var_share, _ = OPS.sparsestmax_shares(
+                mean_weight, var_weight, radius, mean_fixed, var_fixed)
+            out = OPS.switchable_norm_eval(x, weight, bias, mean_share,
+                                           var_share, running_mean,
+                                           running_var, bad, False, 1e-5,
+                                           True)
+        coef = torch.linspace(-1, 2, x.numel(), dtype=x.dtype)
+        (out[0] * coef.view_as(x)).sum().backward()
+        runs.append([*out, *leaves, *state] + [t.grad for t in leaves])
+    assert runs[0][9].tolist() == [flags[0]]  # eval never freezes
+    # frozen, or one-hot shares (a zero Jacobian): no gradient. (With two
+    # branches SparsestMax is locally constant inside the radius: zero too.)
+    for logits, grad, flag in zip(runs[0][6:8], runs[0][-2:], flags):
+        one_hot = (sparsestmax(logits.detach(), 0.2) > 0).sum() == 1
+        if flag or one_hot:
+            assert (grad == 0).all()
+        elif using_bn:
+            assert grad.abs().sum() > 0
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), (a, b)
+
+
+@pytest.mark.parametrize('grad_mode', ['no_grad', 'inference_mode'])
+def test_training_forward_in_one_call_without_a_graph(grad_mode):
+    """Under no_grad (autograd's kernel without a node) and inference mode
+    (below autograd) the same output, freeze and running statistics."""
+    runs = []
+    for call in (_train_in_one_call, _train_in_steps):
+        leaves, state = _training_state(0, (0, 0), True)
+        context = torch.no_grad() if grad_mode == 'no_grad' \
+            else torch.inference_mode()
+        with context:
+            out = call(leaves, state, 0.1, True, True)
+        assert not out[0].requires_grad
+        runs.append([*out, *leaves, *state, leaves[3].grad])
+    assert runs[0][-1].tolist() == [0., 0., 0.]  # the freeze cleared it
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), (a, b)
+
+
+def test_training_layer_gradients_by_finite_differences():
+    """The training forward of the layer (the one-call operator) against
+    central differences: x, gamma, beta and both logit vectors, shares
+    inside the simplex (no kink within the step)."""
+    from torch.func import functional_call
+
+    from mmsn import SparseSwitchableNorm2d
+    layer = SparseSwitchableNorm2d(4, momentum=0.2).double().train()
+    layer.radius.fill_(0.35)
+    g = torch.Generator().manual_seed(3)
+    inputs = (torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64) + 2,
+              1 + torch.randn(4, generator=g, dtype=torch.float64) * .2,
+              torch.randn(4, generator=g, dtype=torch.float64) * .2,
+              torch.tensor([0.1, 0.05, -0.02], dtype=torch.float64),
+              torch.tensor([-0.05, 0.08, 0.02], dtype=torch.float64))
+    for v in inputs[3:]:
+        assert (sparsestmax(v, 0.35) > 1e-3).all()
+    names = ('weight', 'bias', 'mean_weight', 'var_weight')
+
+    def out(x, *params):
+        return functional_call(layer, dict(zip(names, params)), (x, ))
+
+    inputs = tuple(t.requires_grad_() for t in inputs)
+    assert 'SparseSwitchableNormTrain' in out(*inputs).grad_fn.name()
+    assert torch.autograd.gradcheck(out, inputs, eps=1e-6, atol=1e-6)

@@ -7,7 +7,10 @@ does (one dispatched operator forward, one backward, no host sync).
 * ``switchable_norm_eval``: the forward with the running statistics;
 * ``switchable_norm_backward``: the gradients of both;
 * ``sparsestmax_shares`` (+ ``_backward``) and ``sparsestmax_freeze_``:
-  SSN's shares and the freezing of one-hot ones.
+  SSN's shares and the freezing of one-hot ones;
+* ``sparse_switchable_norm_train`` and ``_eval``: SSN's forwards in one
+  call each (the shares, in training the freeze, and SN's operator with
+  the shares: one graph node).
 
 mmsn._C declares them (``csrc/library.cpp``), with their CPU kernels and,
 for every device, their autograd formulas in C++. This module adds what is
@@ -38,7 +41,8 @@ _LIB: Optional[torch.library.Library] = None
 
 _NAMES = ('switchable_norm_train', 'switchable_norm_eval',
           'switchable_norm_backward', 'sparsestmax_shares',
-          'sparsestmax_shares_backward', 'sparsestmax_freeze_')
+          'sparsestmax_shares_backward', 'sparsestmax_freeze_',
+          'sparse_switchable_norm_train', 'sparse_switchable_norm_eval')
 
 
 # the operators once registered (a constant to torch.compile's tracer)
@@ -82,6 +86,20 @@ def _stats_like(x: Tensor) -> Tensor:
 def _train_fake(x, weight, bias, mean_weight, var_weight, running_mean,
                 running_var, num_batches_tracked, nonfinite, softmax,
                 momentum, moving_average, eps, unbiased, update_stats):
+    return torch.empty_like(x), _stats_like(x), _stats_like(x)
+
+
+def _sparse_train_fake(x, weight, bias, mean_weight, var_weight, radius,
+                       mean_fixed, var_fixed, mean_grad, var_grad,
+                       running_mean, running_var, num_batches_tracked,
+                       nonfinite, momentum, moving_average, eps, unbiased,
+                       update_stats):
+    return torch.empty_like(x), _stats_like(x), _stats_like(x)
+
+
+def _sparse_eval_fake(x, weight, bias, mean_weight, var_weight, radius,
+                      mean_fixed, var_fixed, running_mean, running_var,
+                      nonfinite, eps, unbiased):
     return torch.empty_like(x), _stats_like(x), _stats_like(x)
 
 
@@ -176,7 +194,9 @@ def _register() -> None:
                  switchable_norm_backward=_backward_fake,
                  sparsestmax_shares=_shares_fake,
                  sparsestmax_shares_backward=_shares_backward_fake,
-                 sparsestmax_freeze_=_freeze_fake)
+                 sparsestmax_freeze_=_freeze_fake,
+                 sparse_switchable_norm_train=_sparse_train_fake,
+                 sparse_switchable_norm_eval=_sparse_eval_fake)
     for name, fake in fakes.items():
         torch.library.register_fake(f'mmsn::{name}', fake, lib=_LIB)
     layer = dict(switchable_norm_train=layer_kernels.train,

@@ -21,7 +21,7 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from mmsn.ops.sparsestmax import freeze_one_hot_, one_hot_argmax, sparsestmax
-from .switchable_norm import _SwitchableNorm
+from .switchable_norm import _recomputing_in_backward, _SwitchableNorm
 from .sync_switchable_norm import SYNC_VARIANTS, SyncSwitchableNorm
 
 
@@ -92,6 +92,29 @@ class _SparseSwitchableNorm(_SwitchableNorm):
                                     var_fixed, mean_weight.grad,
                                     var_weight.grad, mean_share, var_share)
         return mean_share, var_share, False
+
+    def _forward_layer_ops(self, ops, x: Tensor) -> Tensor:
+        # A traced graph keeps the shares and the freeze calls of their own
+        # (forced by compile_with_layer_ops).
+        if torch.compiler.is_compiling():
+            return super()._forward_layer_ops(ops, x)
+        # eager: one operator call, as SN's
+        params, buffers = self._parameters, self._buffers
+        mean_weight, var_weight = params['mean_weight'], params['var_weight']
+        if not self.training:
+            return ops.sparse_switchable_norm_eval(
+                x, params['weight'], params['bias'], mean_weight, var_weight,
+                buffers['radius'], buffers['mean_fixed'],
+                buffers['var_fixed'], buffers['running_mean'],
+                buffers['running_var'], buffers['nonfinite'], self.eps,
+                self.unbiased)[0]
+        return ops.sparse_switchable_norm_train(
+            x, params['weight'], params['bias'], mean_weight, var_weight,
+            buffers['radius'], buffers['mean_fixed'], buffers['var_fixed'],
+            mean_weight.grad, var_weight.grad, buffers['running_mean'],
+            buffers['running_var'], buffers['num_batches_tracked'],
+            buffers['nonfinite'], self.momentum, self.moving_average,
+            self.eps, self.unbiased, not _recomputing_in_backward())[0]
 
     def _freeze_one_hot(self, mean_share: Tensor, var_share: Tensor) -> None:
         """Flag the vectors whose shares are one-hot and (re)write the one-hot

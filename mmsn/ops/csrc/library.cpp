@@ -1,6 +1,7 @@
 // The operators of mmsn._C (kernels: cpu_kernels.cpp for CPU tensors,
-// autograd.cpp for their gradients; mmsn/ops/library.py adds the CUDA and
-// other devices' kernels and the shapes for torch.compile).
+// autograd.cpp and ssn_autograd.cpp for their gradients; mmsn/ops/
+// library.py adds the CUDA and other devices' kernels and the shapes for
+// torch.compile).
 //
 // Row passes and whole-layer kernels over prepared (N, C, L) rows, which
 // mmsn/ops/backends/compiled.py calls:
@@ -14,6 +15,12 @@
 //   sparsestmax_shares        SSN's shares of both vectors and the Jacobian
 //   sparsestmax_shares_backward
 //   sparsestmax_freeze_       stores shares that came out one-hot
+//   sparse_switchable_norm_train
+//                             SSN's training forward in one call: the three
+//                             above, then switchable_norm_train with the
+//                             shares (ssn_autograd.cpp; one graph node)
+//   sparse_switchable_norm_eval
+//                             SSN's eval forward in one call
 #include <Python.h>
 #include <torch/library.h>
 
@@ -61,6 +68,19 @@ TORCH_LIBRARY(mmsn, m) {
   m.def("sparsestmax_freeze_(Tensor(a!) mean_weight, Tensor(b!) var_weight, "
         "Tensor(c!) mean_fixed, Tensor(d!) var_fixed, Tensor(e!)? mean_grad, "
         "Tensor(f!)? var_grad, Tensor mean_share, Tensor var_share) -> ()");
+  m.def("sparse_switchable_norm_train(Tensor x, Tensor? weight, "
+        "Tensor? bias, Tensor(a!) mean_weight, Tensor(b!) var_weight, "
+        "Tensor radius, Tensor(c!) mean_fixed, Tensor(d!) var_fixed, "
+        "Tensor(e!)? mean_grad, Tensor(f!)? var_grad, "
+        "Tensor(g!)? running_mean, Tensor(h!)? running_var, "
+        "Tensor(i!)? num_batches_tracked, Tensor(j!)? nonfinite, "
+        "float? momentum, bool moving_average, float eps, bool unbiased, "
+        "bool update_stats) -> (Tensor, Tensor, Tensor)");
+  m.def("sparse_switchable_norm_eval(Tensor x, Tensor? weight, "
+        "Tensor? bias, Tensor mean_weight, Tensor var_weight, "
+        "Tensor radius, Tensor mean_fixed, Tensor var_fixed, "
+        "Tensor? running_mean, Tensor? running_var, Tensor(a!)? nonfinite, "
+        "float eps, bool unbiased) -> (Tensor, Tensor, Tensor)");
 }
 
 // Importing mmsn._C runs the registrations; the module itself is empty.
