@@ -1,6 +1,8 @@
-// What the autograd kernels of the layer operators share (autograd.cpp:
-// SN's, ssn_autograd.cpp: SSN's): the operators they call below autograd,
-// what a forward saves, and the backward of both forwards.
+// The autograd Functions of SN's layer operators and what they are made of,
+// for their kernels (autograd.cpp: SN's, ssn_autograd.cpp: SSN's, which mix
+// with SparsestMax shares): each forward calls the operator below autograd
+// (so the device's kernel runs, whichever registered it) and saves what
+// its backward operator needs.
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -169,6 +171,105 @@ bool records(std::initializer_list<const at::Tensor*> tensors,
   }
   return false;
 }
+
+// The training and eval forwards without a graph node (below autograd).
+Tensors3 train_without_graph(
+    const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+    const at::Tensor& mean_weight, const at::Tensor& var_weight,
+    const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, const OptTensor& nonfinite,
+    bool softmax, std::optional<double> momentum, bool moving_average,
+    double eps, bool unbiased, bool update_stats) {
+  Tensors3 out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = train_op().call(x, weight, bias, mean_weight, var_weight,
+                          running_mean, running_var, num_batches_tracked,
+                          nonfinite, softmax, momentum, moving_average, eps,
+                          unbiased, update_stats);
+  }
+  bump_versions({&running_mean, &running_var, &num_batches_tracked,
+                 &nonfinite});
+  return out;
+}
+
+Tensors3 eval_without_graph(const at::Tensor& x, const OptTensor& weight,
+                            const OptTensor& bias,
+                            const at::Tensor& mean_weight,
+                            const at::Tensor& var_weight,
+                            const OptTensor& running_mean,
+                            const OptTensor& running_var,
+                            const OptTensor& nonfinite, bool softmax,
+                            double eps, bool unbiased) {
+  Tensors3 out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = eval_op().call(x, weight, bias, mean_weight, var_weight,
+                         running_mean, running_var, nonfinite, softmax, eps,
+                         unbiased);
+  }
+  bump_versions({&nonfinite});
+  return out;
+}
+
+// The last three arguments of both Functions: for SSN, the shares the layer
+// mixes with and their Jacobian with respect to the logits (mean_weight,
+// var_weight), through which the gradients go on; for SN, none.
+class SwitchableNormTrain
+    : public torch::autograd::Function<SwitchableNormTrain> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
+      const OptTensor& bias, const at::Tensor& mean_weight,
+      const at::Tensor& var_weight, const OptTensor& running_mean,
+      const OptTensor& running_var, const OptTensor& num_batches_tracked,
+      const OptTensor& nonfinite, bool softmax,
+      std::optional<double> momentum, bool moving_average, double eps,
+      bool unbiased, bool update_stats, const OptTensor& mean_share,
+      const OptTensor& var_share, const OptTensor& shares_jacobian) {
+    const at::Tensor& mixed_mean = mean_share.value_or(mean_weight);
+    const at::Tensor& mixed_var = var_share.value_or(var_weight);
+    auto [y, mean_in, var_in] = train_without_graph(
+        x, weight, bias, mixed_mean, mixed_var, running_mean, running_var,
+        num_batches_tracked, nonfinite, softmax, momentum, moving_average,
+        eps, unbiased, update_stats);
+    save_layer(ctx, x, mean_in, var_in, weight, bias, mixed_mean, mixed_var,
+               std::nullopt, std::nullopt, softmax, /*batch_stats=*/true,
+               eps, unbiased, shares_jacobian.value_or(at::Tensor()));
+    return {y, mean_in, var_in};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return layer_backward(ctx, grads, 13);
+  }
+};
+
+class SwitchableNormEval
+    : public torch::autograd::Function<SwitchableNormEval> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
+      const OptTensor& bias, const at::Tensor& mean_weight,
+      const at::Tensor& var_weight, const OptTensor& running_mean,
+      const OptTensor& running_var, const OptTensor& nonfinite, bool softmax,
+      double eps, bool unbiased, const OptTensor& mean_share,
+      const OptTensor& var_share, const OptTensor& shares_jacobian) {
+    const at::Tensor& mixed_mean = mean_share.value_or(mean_weight);
+    const at::Tensor& mixed_var = var_share.value_or(var_weight);
+    auto [y, mean_in, var_in] =
+        eval_without_graph(x, weight, bias, mixed_mean, mixed_var,
+                           running_mean, running_var, nonfinite, softmax, eps,
+                           unbiased);
+    save_layer(ctx, x, mean_in, var_in, weight, bias, mixed_mean, mixed_var,
+               running_mean, running_var, softmax, /*batch_stats=*/false, eps,
+               unbiased, shares_jacobian.value_or(at::Tensor()));
+    return {y, mean_in, var_in};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return layer_backward(ctx, grads, 9);
+  }
+};
 
 }  // namespace
 }  // namespace mmsn

@@ -40,90 +40,14 @@ class SparsestmaxShares
   }
 };
 
-// SSN's training forward: the shares and their Jacobian, then the freeze
-// of one-hot ones (bookkeeping outside the graph, as an optimizer step
-// is), then SN's training forward with the shares; its backward carries
-// the shares' gradients on to the logits. One graph node instead of two.
-class SparseSwitchableNormTrain
-    : public torch::autograd::Function<SparseSwitchableNormTrain> {
- public:
-  static variable_list forward(
-      AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
-      const OptTensor& bias, const at::Tensor& mean_weight,
-      const at::Tensor& var_weight, const at::Tensor& mean_share,
-      const at::Tensor& var_share, const at::Tensor& jacobian,
-      const OptTensor& running_mean, const OptTensor& running_var,
-      const OptTensor& num_batches_tracked, const OptTensor& nonfinite,
-      std::optional<double> momentum, bool moving_average, double eps,
-      bool unbiased, bool update_stats) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean_in, var_in] = train_op().call(
-        x, weight, bias, mean_share, var_share, running_mean, running_var,
-        num_batches_tracked, nonfinite, /*softmax=*/false, momentum,
-        moving_average, eps, unbiased, update_stats);
-    bump_versions({&running_mean, &running_var, &num_batches_tracked,
-                   &nonfinite});
-    save_layer(ctx, x, mean_in, var_in, weight, bias, mean_share, var_share,
-               std::nullopt, std::nullopt, /*softmax=*/false,
-               /*batch_stats=*/true, eps, unbiased, jacobian);
-    return {y, mean_in, var_in};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return layer_backward(ctx, grads, 12);
-  }
-};
-
-// SSN's eval forward: the shares, then SN's eval forward with them.
-class SparseSwitchableNormEval
-    : public torch::autograd::Function<SparseSwitchableNormEval> {
- public:
-  static variable_list forward(
-      AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
-      const OptTensor& bias, const at::Tensor& mean_weight,
-      const at::Tensor& var_weight, const at::Tensor& mean_share,
-      const at::Tensor& var_share, const at::Tensor& jacobian,
-      const OptTensor& running_mean, const OptTensor& running_var,
-      const OptTensor& nonfinite, double eps, bool unbiased) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean_in, var_in] =
-        eval_op().call(x, weight, bias, mean_share, var_share, running_mean,
-                       running_var, nonfinite, /*softmax=*/false, eps,
-                       unbiased);
-    bump_versions({&nonfinite});
-    save_layer(ctx, x, mean_in, var_in, weight, bias, mean_share, var_share,
-               running_mean, running_var, /*softmax=*/false,
-               /*batch_stats=*/false, eps, unbiased, jacobian);
-    return {y, mean_in, var_in};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return layer_backward(ctx, grads, 8);
-  }
-};
-
-// The shares of SSN's logits and their Jacobian, after storing the shares
-// that came out one-hot (below autograd: no graph).
-Tensors3 frozen_shares(const at::Tensor& mean_weight,
-                       const at::Tensor& var_weight, const at::Tensor& radius,
-                       const at::Tensor& mean_fixed,
-                       const at::Tensor& var_fixed, const OptTensor& mean_grad,
-                       const OptTensor& var_grad) {
-  Tensors3 shares;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    shares = shares_op().call(mean_weight, var_weight, radius, mean_fixed,
-                              var_fixed);
-    freeze_op().call(mean_weight, var_weight, mean_fixed, var_fixed,
-                     mean_grad, var_grad, std::get<0>(shares),
-                     std::get<1>(shares));
-  }
-  for (const at::Tensor* t :
-       {&mean_weight, &var_weight, &mean_fixed, &var_fixed}) {
-    torch::autograd::impl::bump_version(*t);
-  }
-  bump_versions({&mean_grad, &var_grad});
-  return shares;
+Tensors3 shares_without_graph(const at::Tensor& mean_weight,
+                              const at::Tensor& var_weight,
+                              const at::Tensor& radius,
+                              const at::Tensor& mean_fixed,
+                              const at::Tensor& var_fixed) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return shares_op().call(mean_weight, var_weight, radius, mean_fixed,
+                          var_fixed);
 }
 
 Tensors3 sparsestmax_shares_autograd(const at::Tensor& mean_weight,
@@ -132,9 +56,8 @@ Tensors3 sparsestmax_shares_autograd(const at::Tensor& mean_weight,
                                      const at::Tensor& mean_fixed,
                                      const at::Tensor& var_fixed) {
   if (!records({&mean_weight, &var_weight}, {})) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return shares_op().call(mean_weight, var_weight, radius, mean_fixed,
-                            var_fixed);
+    return shares_without_graph(mean_weight, var_weight, radius, mean_fixed,
+                                var_fixed);
   }
   const auto out = SparsestmaxShares::apply(mean_weight, var_weight, radius,
                                             mean_fixed, var_fixed);
@@ -163,6 +86,21 @@ void sparsestmax_freeze_autograd(const at::Tensor& mean_weight,
   bump_versions({&mean_grad, &var_grad});
 }
 
+// The shares of SSN's logits and their Jacobian, after storing the shares
+// that came out one-hot (no graph).
+Tensors3 frozen_shares(const at::Tensor& mean_weight,
+                       const at::Tensor& var_weight, const at::Tensor& radius,
+                       const at::Tensor& mean_fixed,
+                       const at::Tensor& var_fixed, const OptTensor& mean_grad,
+                       const OptTensor& var_grad) {
+  const Tensors3 shares = shares_without_graph(mean_weight, var_weight,
+                                              radius, mean_fixed, var_fixed);
+  sparsestmax_freeze_autograd(mean_weight, var_weight, mean_fixed, var_fixed,
+                              mean_grad, var_grad, std::get<0>(shares),
+                              std::get<1>(shares));
+  return shares;
+}
+
 #define MMSN_SSN_TRAIN_PARAMS                                                 \
   const at::Tensor &x, const OptTensor &weight, const OptTensor &bias,        \
       const at::Tensor &mean_weight, const at::Tensor &var_weight,            \
@@ -177,17 +115,10 @@ Tensors3 sparse_train_without_graph(MMSN_SSN_TRAIN_PARAMS) {
   auto [mean_share, var_share, jacobian] =
       frozen_shares(mean_weight, var_weight, radius, mean_fixed, var_fixed,
                     mean_grad, var_grad);
-  Tensors3 out;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    out = train_op().call(x, weight, bias, mean_share, var_share,
-                          running_mean, running_var, num_batches_tracked,
-                          nonfinite, /*softmax=*/false, momentum,
-                          moving_average, eps, unbiased, update_stats);
-  }
-  bump_versions({&running_mean, &running_var, &num_batches_tracked,
-                 &nonfinite});
-  return out;
+  return train_without_graph(x, weight, bias, mean_share, var_share,
+                             running_mean, running_var, num_batches_tracked,
+                             nonfinite, /*softmax=*/false, momentum,
+                             moving_average, eps, unbiased, update_stats);
 }
 
 Tensors3 sparse_switchable_norm_train_autograd(MMSN_SSN_TRAIN_PARAMS) {
@@ -201,10 +132,11 @@ Tensors3 sparse_switchable_norm_train_autograd(MMSN_SSN_TRAIN_PARAMS) {
   auto [mean_share, var_share, jacobian] =
       frozen_shares(mean_weight, var_weight, radius, mean_fixed, var_fixed,
                     mean_grad, var_grad);
-  const auto out = SparseSwitchableNormTrain::apply(
-      x, weight, bias, mean_weight, var_weight, mean_share, var_share,
-      jacobian, running_mean, running_var, num_batches_tracked, nonfinite,
-      momentum, moving_average, eps, unbiased, update_stats);
+  const auto out = SwitchableNormTrain::apply(
+      x, weight, bias, mean_weight, var_weight, running_mean, running_var,
+      num_batches_tracked, nonfinite, /*softmax=*/false, momentum,
+      moving_average, eps, unbiased, update_stats, mean_share, var_share,
+      jacobian);
   return {out[0], out[1], out[2]};
 }
 #undef MMSN_SSN_TRAIN_PARAMS
@@ -218,17 +150,11 @@ Tensors3 sparse_switchable_norm_train_autograd(MMSN_SSN_TRAIN_PARAMS) {
       bool unbiased
 
 Tensors3 sparse_eval_without_graph(MMSN_SSN_EVAL_PARAMS) {
-  Tensors3 out;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [mean_share, var_share, jacobian] = shares_op().call(
-        mean_weight, var_weight, radius, mean_fixed, var_fixed);
-    out = eval_op().call(x, weight, bias, mean_share, var_share,
-                         running_mean, running_var, nonfinite,
-                         /*softmax=*/false, eps, unbiased);
-  }
-  bump_versions({&nonfinite});
-  return out;
+  const Tensors3 shares = shares_without_graph(mean_weight, var_weight,
+                                              radius, mean_fixed, var_fixed);
+  return eval_without_graph(x, weight, bias, std::get<0>(shares),
+                            std::get<1>(shares), running_mean, running_var,
+                            nonfinite, /*softmax=*/false, eps, unbiased);
 }
 
 Tensors3 sparse_switchable_norm_eval_autograd(MMSN_SSN_EVAL_PARAMS) {
@@ -238,16 +164,12 @@ Tensors3 sparse_switchable_norm_eval_autograd(MMSN_SSN_EVAL_PARAMS) {
                                      var_fixed, running_mean, running_var,
                                      nonfinite, eps, unbiased);
   }
-  Tensors3 shares;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    shares = shares_op().call(mean_weight, var_weight, radius, mean_fixed,
-                              var_fixed);
-  }
-  const auto out = SparseSwitchableNormEval::apply(
-      x, weight, bias, mean_weight, var_weight, std::get<0>(shares),
-      std::get<1>(shares), std::get<2>(shares), running_mean, running_var,
-      nonfinite, eps, unbiased);
+  const Tensors3 shares = shares_without_graph(mean_weight, var_weight,
+                                              radius, mean_fixed, var_fixed);
+  const auto out = SwitchableNormEval::apply(
+      x, weight, bias, mean_weight, var_weight, running_mean, running_var,
+      nonfinite, /*softmax=*/false, eps, unbiased, std::get<0>(shares),
+      std::get<1>(shares), std::get<2>(shares));
   return {out[0], out[1], out[2]};
 }
 #undef MMSN_SSN_EVAL_PARAMS
