@@ -32,7 +32,10 @@ import sys, torch
 import mmsn
 from mmsn.ops import compiled_kernels_available
 from sn_reference import reference_sn
-layer = mmsn.SwitchableNorm2d(4)
+from mmsn.ops import _extension
+key = _extension.build_info()
+layer = mmsn.SwitchableNorm2d(4)  # loads (here: compiles) the kernels
+assert _extension.build_info() == key, 'compiling changed the build key'
 x = torch.randn((2, 4, 5, 5), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     layer.mean_weight.copy_(torch.tensor([0.3, -0.2, 0.5]))
@@ -213,3 +216,48 @@ def test_prebuilt_library_is_loaded_only_into_its_own_torch(prebuilt):
         (package / '_C.build.json').write_text(json.dumps(other))
         assert load_prebuilt(package) == ('None', '')
     assert torch.__version__ == record['torch']
+
+
+IMPORT_C = '''
+import importlib, sys
+import mmsn
+from mmsn.ops import compiled_kernels_available
+assert compiled_kernels_available()
+module = importlib.import_module('mmsn._C')  # as pkgutil.walk_packages does
+print(module.__doc__)
+'''
+
+
+@pytest.mark.skipif(os.environ.get('MMSN_WITH_OPS') == '0',
+                    reason='MMSN_WITH_OPS=0')
+def test_importing_a_stale_prebuilt_library_after_compiling_does_not_abort(
+        tmp_path):
+    """A mmsn._C built at install for other sources (or another torch) is
+    not loaded; the kernels compiled on first use are. An `import mmsn._C`
+    afterwards must not load the stale file, which would register the
+    operators a second time and abort the process."""
+    from mmsn.ops import backends
+    backends.compiled_ops()
+    cached = Path(_extension.build_directory()) / (
+        _extension.LIBRARY_NAME + '.so')
+    if not cached.is_file():
+        pytest.skip('this process loaded the library built at install')
+    package = tmp_path / 'package'
+    for name in ('mmsn', 'mmsn_runtime'):
+        shutil.copytree(REPO / name, package / name,
+                        ignore=shutil.ignore_patterns('_C*', '__pycache__',
+                                                      '.mim'))
+    # a library that registers the operators, recorded for other sources
+    stale = package / 'mmsn' / ('_C' + sysconfig.get_config_var('EXT_SUFFIX'))
+    shutil.copyfile(cached, stale)
+    _extension.record_prebuilt(str(stale))
+    record = json.loads((package / 'mmsn' / '_C.build.json').read_text())
+    (package / 'mmsn' / '_C.build.json').write_text(
+        json.dumps(dict(record, sources='0' * 16)))
+    env = dict(os.environ, PYTHONPATH=str(package))
+    env.pop('MMSN_SN_PATH', None)
+    proc = subprocess.run([sys.executable, '-c', IMPORT_C], env=env,
+                          capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert 'compiled on first use' in proc.stdout

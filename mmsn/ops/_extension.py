@@ -37,6 +37,7 @@ import shutil
 import sys
 import sysconfig
 import time
+import types
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -177,6 +178,13 @@ def _load() -> Tuple[Optional[object], Optional[str], str]:
     reason = _load_or_compile(info)
     if reason is not None:
         return None, reason, ''
+    # An `import mmsn._C` (pkgutil.walk_packages, API doc tools) would load
+    # the stale _C that setup.py left beside the package and register the
+    # operators a second time, which aborts the process: it finds this.
+    stand_in = types.ModuleType(
+        'mmsn._C', 'mmsn\'s kernels, compiled on first use into '
+        f'{build_directory(info)} (the operators are in torch.ops.mmsn)')
+    sys.modules.setdefault('mmsn._C', stand_in)
     return (torch.ops.mmsn, None,
             f'compiled on first use, cached in {build_directory(info)}')
 
@@ -356,8 +364,10 @@ def _compile(info, out_dir, library, ninja_dir, damage) -> Optional[str]:
         cpp_extension.load(
             LIBRARY_NAME,
             kernel_sources(),
-            extra_cflags=CXX_FLAGS,
-            extra_ldflags=LD_FLAGS,
+            # copies: load() appends torch's libraries to the list given,
+            # which would change build_info() for the rest of the process
+            extra_cflags=list(CXX_FLAGS),
+            extra_ldflags=list(LD_FLAGS),
             build_directory=staging,
             is_python_module=False,
             verbose=False)
