@@ -2,6 +2,7 @@
 import json
 import os
 import os.path as osp
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,11 +66,12 @@ def test_pipeline_packs_one_channel_images():
     assert sample['data_samples'].gt_label.item() in range(10)
 
 
-# The demo reached 98.33 (353 of 359) where the README says (97.77-98.89
-# over thread counts and releases: the order of float sums moves a few
-# images); this leaves three images for other platforms' arithmetic. A wrong
-# SN, or a demo that no longer learns, falls well below.
-KNOWN_TOP1 = 97.5
+# The demo's accuracy moves with the order of float sums: on 2026-12-04 one
+# machine gave 97.77 with one thread (as the tests run), 99.16 with two and
+# 98.61 compiled, and another 98.33 with one thread (8 to 3 of 359 images
+# wrong). The threshold leaves two images below the lowest of these; a
+# wrong SN, or a demo that no longer learns, falls well below.
+KNOWN_TOP1 = 97.0
 
 
 @pytest.fixture(scope='module')
@@ -104,14 +106,29 @@ def test_demo_reaches_its_accuracy(trained_demo):
     assert 'advise batch average' not in log
 
 
+def logged_losses(work_dir) -> dict:
+    """The training loss of each logging step, from scalars.json."""
+    scalars = next(Path(work_dir).glob('*/vis_data/scalars.json'))
+    lines = [json.loads(x) for x in scalars.read_text().splitlines()]
+    return {x['step']: x['loss'] for x in lines if 'loss' in x}
+
+
+# Steps over which the trajectories of differently ordered float sums (two
+# threads, or inductor's convolutions) still agree (2e-8 apart on
+# 2026-12-04): the losses of these steps tell a compiled step that computes
+# another function (a wrong output, gradient or update) from rounding. Later
+# the training's chaos amplifies rounding (3e-5 at step 60, 5e-4 at step 75)
+# to a few images at the end.
+AGREEING_STEPS = (15, 30, 45)
+
+
 def test_compiled_demo_reaches_the_same_accuracy(trained_demo,
                                                  tmp_path_factory):
     """``compile=True`` in the config: the model is compiled (SN traced as
-    its layer operators) and trains to the eager run's accuracy, within two
-    of the 359 images (inductor computes the convolutions' neighbours in
-    another order), and above the demo's threshold."""
+    its layer operators), trains along the eager run's trajectory (equal
+    losses over the first 45 steps) and reaches the demo's accuracy."""
     from mmengine.runner import Runner
-    _, _, eager = trained_demo
+    eager_dir, _, _ = trained_demo
     cfg = Config.fromfile(DEMO_CONFIG)
     cfg.work_dir = str(tmp_path_factory.mktemp('demo_compiled'))
     cfg.compile = True
@@ -119,9 +136,9 @@ def test_compiled_demo_reaches_the_same_accuracy(trained_demo,
     runner.train()
     metrics = runner.val_loop.run()
     assert metrics['accuracy/top1'] >= KNOWN_TOP1
-    assert abs(metrics['accuracy/top1'] - eager['accuracy/top1']) <= \
-        2 * 100 / 359 + 1e-6
-    # mmengine compiled the training step (dynamo's wrapper around it)
+    eager, compiled = logged_losses(eager_dir), logged_losses(cfg.work_dir)
+    for step in AGREEING_STEPS:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-6), step
     assert hasattr(runner.model.train_step, '_torchdynamo_orig_callable')
 
 
