@@ -49,6 +49,51 @@ int64_t row_grain(int64_t length) {
 constexpr int64_t kShortRow = 32;
 constexpr int kLanes = 8;
 
+// A row is summed Lanes positions at a time into as many partial sums,
+// which lane_sum adds as a tree, with the tail's sum. Lanes and a tree, not
+// ``omp simd reduction``: GCC ends that reduction with a chain of 16 scalar
+// additions through the stack, which on rows of 49 positions took longer
+// than the row's own sums. Rows of kLongRow positions or more take 16 lanes
+// (two vectors of doubles: the additions of one do not wait for the
+// other's); shorter ones 8 (a shorter tree).
+constexpr int64_t kLongRow = 64;
+
+template <int Lanes>
+MMSN_ALWAYS_INLINE double lane_sum(const double* a, double tail) {
+  static_assert(Lanes == 8 || Lanes == 16, "8 or 16 lanes");
+  if constexpr (Lanes == 16) {
+    double h[8];
+    for (int k = 0; k < 8; ++k) h[k] = a[k] + a[k + 8];
+    return lane_sum<8>(h, tail);
+  }
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])) +
+         tail;
+}
+
+// sum(x - pivot) and sum((x - pivot)^2) of a row
+template <int Lanes, typename T>
+MMSN_ALWAYS_INLINE void centered_sums_of_row(const T* x, int64_t n, T pivot,
+                                             double* s, double* q) {
+  double sl[Lanes] = {}, ql[Lanes] = {};
+  int64_t i = 0;
+  for (; i + Lanes <= n; i += Lanes) {
+#pragma omp simd
+    for (int l = 0; l < Lanes; ++l) {
+      const double d = static_cast<double>(x[i + l] - pivot);
+      sl[l] += d;
+      ql[l] += d * d;
+    }
+  }
+  double s_tail = 0, q_tail = 0;
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(x[i] - pivot);
+    s_tail += d;
+    q_tail += d * d;
+  }
+  *s = lane_sum<Lanes>(sl, s_tail);
+  *q = lane_sum<Lanes>(ql, q_tail);
+}
+
 // IN mean and variance from the sums around a pivot taken from the row:
 // the cancellation in m2 = sum(d^2) - sum(d)^2 / n is at most a factor n,
 // since (x[0] - mean)^2 <= m2, which double precision absorbs.
@@ -64,24 +109,15 @@ MMSN_ALWAYS_INLINE void finish_moments(T pivot, double s, double q, int64_t n,
 // row's tail, made up a sixth of the time on rows of 49 positions).
 constexpr int64_t kFinishGroup = 16;
 
-template <typename T>
+template <int Lanes, typename T>
 MMSN_ALWAYS_INLINE void moments_of_rows_group(const T* x, int64_t count,
                                               int64_t n, double dof, T* mean,
                                               T* var) {
   T p[kFinishGroup];
   double s[kFinishGroup], q[kFinishGroup];
   for (int64_t k = 0; k < count; ++k, x += n) {
-    const T pivot = x[0];
-    double sk = 0, qk = 0;
-#pragma omp simd reduction(+ : sk, qk)
-    for (int64_t i = 0; i < n; ++i) {
-      const double d = static_cast<double>(x[i] - pivot);
-      sk += d;
-      qk += d * d;
-    }
-    p[k] = pivot;
-    s[k] = sk;
-    q[k] = qk;
+    p[k] = x[0];
+    centered_sums_of_row<Lanes>(x, n, p[k], &s[k], &q[k]);
   }
 #pragma omp simd
   for (int64_t k = 0; k < count; ++k) {
@@ -110,17 +146,25 @@ MMSN_ALWAYS_INLINE void moments_of_short_rows(const T* x, int64_t n,
 }
 
 // sum(dy * (x - mean)) and sum(dy) of a row
-template <typename T>
+template <int Lanes, typename T>
 MMSN_ALWAYS_INLINE void grad_sums_of_row(const T* dy, const T* x, int64_t n,
                                          T m, T* dot, T* sum) {
-  double s = 0, p = 0;
-#pragma omp simd reduction(+ : s, p)
-  for (int64_t i = 0; i < n; ++i) {
-    s += dy[i];
-    p += static_cast<double>(dy[i] * (x[i] - m));
+  double s[Lanes] = {}, p[Lanes] = {};
+  int64_t i = 0;
+  for (; i + Lanes <= n; i += Lanes) {
+#pragma omp simd
+    for (int k = 0; k < Lanes; ++k) {
+      s[k] += dy[i + k];
+      p[k] += static_cast<double>(dy[i + k] * (x[i + k] - m));
+    }
   }
-  *dot = static_cast<T>(p);
-  *sum = static_cast<T>(s);
+  double s_tail = 0, p_tail = 0;
+  for (; i < n; ++i) {
+    s_tail += dy[i];
+    p_tail += static_cast<double>(dy[i] * (x[i] - m));
+  }
+  *dot = static_cast<T>(lane_sum<Lanes>(p, p_tail));
+  *sum = static_cast<T>(lane_sum<Lanes>(s, s_tail));
 }
 
 template <typename T>
@@ -154,8 +198,13 @@ MMSN_ALWAYS_INLINE void grad_sums_of_short_rows(const T* dy, const T* x,
       moments_of_short_rows(x + r * n, n, dof, mean + r, var + r);            \
     }                                                                         \
     for (; r < rows; r += kFinishGroup) {                                     \
-      moments_of_rows_group(x + r * n, std::min(kFinishGroup, rows - r), n,   \
-                            dof, mean + r, var + r);                          \
+      const int64_t count = std::min(kFinishGroup, rows - r);                 \
+      if (n < kLongRow) {                                                     \
+        moments_of_rows_group<8>(x + r * n, count, n, dof, mean + r, var + r);\
+      } else {                                                                \
+        moments_of_rows_group<16>(x + r * n, count, n, dof, mean + r,         \
+                                  var + r);                                   \
+      }                                                                       \
     }                                                                         \
   }                                                                           \
   MMSN_MULTIVERSION void rows_affine_block(const T* x, T* y, int64_t rows,    \
@@ -177,8 +226,13 @@ MMSN_ALWAYS_INLINE void grad_sums_of_short_rows(const T* dy, const T* x,
       grad_sums_of_short_rows(dy + r * n, x + r * n, n, mean + r, dot + r,    \
                               sum + r);                                       \
     }                                                                         \
+    for (; n < kLongRow && r < rows; ++r) {                                   \
+      grad_sums_of_row<8>(dy + r * n, x + r * n, n, mean[r], dot + r,         \
+                          sum + r);                                           \
+    }                                                                         \
     for (; r < rows; ++r) {                                                   \
-      grad_sums_of_row(dy + r * n, x + r * n, n, mean[r], dot + r, sum + r);  \
+      grad_sums_of_row<16>(dy + r * n, x + r * n, n, mean[r], dot + r,        \
+                           sum + r);                                          \
     }                                                                         \
   }                                                                           \
   MMSN_MULTIVERSION void rows_grad_input_block(                               \
