@@ -228,14 +228,10 @@ print(module.__doc__)
 '''
 
 
-@pytest.mark.skipif(os.environ.get('MMSN_WITH_OPS') == '0',
-                    reason='MMSN_WITH_OPS=0')
-def test_importing_a_stale_prebuilt_library_after_compiling_does_not_abort(
-        tmp_path):
-    """A mmsn._C built at install for other sources (or another torch) is
-    not loaded; the kernels compiled on first use are. An `import mmsn._C`
-    afterwards must not load the stale file, which would register the
-    operators a second time and abort the process."""
+def stale_prebuilt_package(tmp_path) -> Path:
+    """A copy of mmsn whose mmsn._C registers the operators but is recorded
+    as built for other sources; skips where this process loaded the
+    library built at install (no compiled copy to make it from)."""
     from mmsn.ops import backends
     backends.compiled_ops()
     cached = Path(_extension.build_directory()) / (
@@ -247,17 +243,68 @@ def test_importing_a_stale_prebuilt_library_after_compiling_does_not_abort(
         shutil.copytree(REPO / name, package / name,
                         ignore=shutil.ignore_patterns('_C*', '__pycache__',
                                                       '.mim'))
-    # a library that registers the operators, recorded for other sources
     stale = package / 'mmsn' / ('_C' + sysconfig.get_config_var('EXT_SUFFIX'))
     shutil.copyfile(cached, stale)
     _extension.record_prebuilt(str(stale))
     record = json.loads((package / 'mmsn' / '_C.build.json').read_text())
     (package / 'mmsn' / '_C.build.json').write_text(
         json.dumps(dict(record, sources='0' * 16)))
+    return package
+
+
+def run_with_package(package, code, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(package))
     env.pop('MMSN_SN_PATH', None)
-    proc = subprocess.run([sys.executable, '-c', IMPORT_C], env=env,
+    env.pop('MMSN_WITH_OPS', None)
+    return subprocess.run([sys.executable, '-c', code], env=env,
                           capture_output=True, text=True, timeout=300,
                           cwd=str(tmp_path))
+
+
+@pytest.mark.skipif(os.environ.get('MMSN_WITH_OPS') == '0',
+                    reason='MMSN_WITH_OPS=0')
+def test_importing_a_stale_prebuilt_library_after_compiling_does_not_abort(
+        tmp_path):
+    """A mmsn._C built at install for other sources (or another torch) is
+    not loaded; the kernels compiled on first use are. An `import mmsn._C`
+    afterwards must not load the stale file, which would register the
+    operators a second time and abort the process."""
+    package = stale_prebuilt_package(tmp_path)
+    proc = run_with_package(package, IMPORT_C, tmp_path)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     assert 'compiled on first use' in proc.stdout
+
+
+IMPORT_C_FIRST = '''
+import importlib
+import torch
+import mmsn
+importlib.import_module('mmsn._C')  # as pkgutil.walk_packages does
+from mmsn.ops import compiled_kernels_available
+from mmsn.ops._extension import compiled_ops_origin
+assert not compiled_kernels_available()
+print(compiled_ops_origin())
+from mmsn.models.norms import SwitchableNorm2d
+x = torch.randn(2, 3, 4, 4) * 3 + 5
+layer = SwitchableNorm2d(3)
+with torch.no_grad():  # all on BN: per-channel mean and scale
+    layer.mean_weight.copy_(torch.tensor([-30., -30., 30.]))
+    layer.var_weight.copy_(torch.tensor([-30., -30., 30.]))
+y = layer(x)
+torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5,
+                           rtol=0)
+'''
+
+
+@pytest.mark.skipif(os.environ.get('MMSN_WITH_OPS') == '0',
+                    reason='MMSN_WITH_OPS=0')
+def test_importing_a_stale_prebuilt_library_first_does_not_abort(tmp_path):
+    """The other order: `import mmsn._C` loads the stale library (its
+    operators registered) before mmsn chooses its kernels. mmsn then does
+    not load the compiled ones over them (a second registration aborts):
+    it says why and runs SN on PyTorch's kernels."""
+    package = stale_prebuilt_package(tmp_path)
+    proc = run_with_package(package, IMPORT_C_FIRST, tmp_path)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert 'was imported before mmsn chose its kernels' in proc.stdout
+    assert 'Reinstall mmsn' in proc.stdout

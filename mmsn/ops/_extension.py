@@ -175,6 +175,16 @@ def _load() -> Tuple[Optional[object], Optional[str], str]:
     prebuilt = _load_prebuilt(info)
     if prebuilt:
         return torch.ops.mmsn, None, f'mmsn._C, built at install ({prebuilt})'
+    imported = getattr(sys.modules.get('mmsn._C'), '__file__', None)
+    if imported:
+        # `import mmsn._C` (pkgutil.walk_packages, API doc tools) ran first
+        # and loaded the outdated library, which registered the operators:
+        # loading the compiled ones too would register them twice, which
+        # aborts the process.
+        return None, (
+            f'mmsn._C ({imported}) was imported before mmsn chose its '
+            f'kernels, but it was built for other sources or another torch, '
+            f'so {_COST}. Reinstall mmsn to rebuild it; {_SILENCE}.'), ''
     reason = _load_or_compile(info)
     if reason is not None:
         return None, reason, ''
