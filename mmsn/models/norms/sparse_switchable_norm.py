@@ -21,7 +21,8 @@ from mmengine.registry import MODELS
 from torch import Tensor
 
 from mmsn.ops.sparsestmax import freeze_one_hot_, one_hot_argmax, sparsestmax
-from .switchable_norm import _recomputing_in_backward, _SwitchableNorm
+from .recompute import recomputing_in_backward
+from .switchable_norm import _SwitchableNorm
 from .sync_switchable_norm import SYNC_VARIANTS, SyncSwitchableNorm
 
 
@@ -114,7 +115,7 @@ class _SparseSwitchableNorm(_SwitchableNorm):
             mean_weight.grad, var_weight.grad, buffers['running_mean'],
             buffers['running_var'], buffers['num_batches_tracked'],
             buffers['nonfinite'], self.momentum, self.moving_average,
-            self.eps, self.unbiased, not _recomputing_in_backward())[0]
+            self.eps, self.unbiased, not recomputing_in_backward())[0]
 
     def _freeze_one_hot(self, mean_share: Tensor, var_share: Tensor) -> None:
         """Flag the vectors whose shares are one-hot and (re)write the one-hot

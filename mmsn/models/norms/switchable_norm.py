@@ -8,9 +8,6 @@ OpenMMLab treats SN as a norm layer everywhere BN is special-cased
 ``mmsn.utils.compat`` keeps the BN-only tools (sync conversion, conv fusion)
 from silently turning it into BN.
 """
-import inspect
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -25,86 +22,9 @@ from mmsn.ops.statistics import (NONFINITE_SLOTS, PooledBatchStats,
 from mmsn.ops.library import layer_ops
 from mmsn.ops.switchable_norm import (autocast_off, batch_stats_from_instance,
                                       layer_ops_for, mixed_norm)
+from .arguments import ARITY_DEFAULT, check_arguments, public_signature
 from .nonfinite import NonFiniteReport
-
-
-class _ArityDefault:
-    """The default momentum, which depends on the arity (as in the authors'
-    layers) while ``momentum=None`` stays the cumulative average (as in
-    BN)."""
-
-    def __repr__(self) -> str:
-        return 'arity default (0.1 for 2d SN, 0.003 for 1d/3d and SSN)'
-
-
-_ARITY_DEFAULT = _ArityDefault()
-
-
-def _check_arguments(num_features, eps, momentum, flags: dict) -> None:
-    """Refuse what BN would silently accept (a string flag is truthy, a
-    negative eps gives NaN), naming the argument."""
-    if isinstance(num_features, bool) or not isinstance(
-            num_features, numbers.Integral):
-        raise TypeError(f'num_features must be a positive int, got '
-                        f'{num_features!r} ({type(num_features).__name__})')
-    if num_features <= 0:
-        raise ValueError(
-            f'num_features must be a positive int, got {num_features}')
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f'eps must be a positive float, got {eps!r} '
-                        f'({type(eps).__name__})')
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f'eps must be a positive finite float, got {eps}')
-    if momentum is not None:
-        if isinstance(momentum, bool) or not isinstance(
-                momentum, numbers.Real):
-            raise TypeError(f'momentum must be a float in [0, 1] or None, '
-                            f'got {momentum!r} ({type(momentum).__name__})')
-        if not 0 <= momentum <= 1:
-            raise ValueError(
-                f'momentum must be in [0, 1] or None, got {momentum}')
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f'{name} must be True or False, got {value!r} '
-                            f'({type(value).__name__})')
-
-
-def _recomputing_in_backward() -> bool:
-    """Whether this forward is activation checkpointing's recomputation.
-
-    ``torch.utils.checkpoint`` (reentrant or not) reruns the forward inside
-    the backward pass; the running statistics were already updated by the
-    first forward and must not move twice per step. PyTorch has no public
-    way to ask: an autograd graph task is running only during backward.
-    Under torch.compile nothing reruns the update (the functionalized
-    graph writes the buffers once, after the forward), and the question is
-    not traced.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._current_graph_task_id() != -1
-
-
-def _public_signature(cls) -> inspect.Signature:
-    """The signature ``help()`` and IDEs show for a concrete layer class:
-    the base class's arguments with this class's default momentum, and
-    the keyword arguments its own ``__init__`` adds (``process_group``)."""
-    params = [
-        p.replace(default=cls._default_momentum) if p.name == 'momentum'
-        else p
-        for p in list(inspect.signature(
-            _SwitchableNorm.__init__).parameters.values())[1:]
-    ]
-    names = {p.name for p in params}
-    for klass in cls.__mro__:
-        init = vars(klass).get('__init__')
-        if init is None or not issubclass(klass, _SwitchableNorm):
-            continue  # torch's own keywords are not SN's to take
-        for p in inspect.signature(init).parameters.values():
-            if p.kind == p.KEYWORD_ONLY and p.name not in names:
-                params.append(p)
-                names.add(p.name)
-    return inspect.Signature(params)
+from .recompute import recomputing_in_backward
 
 
 class _SwitchableNorm(_BatchNorm):
@@ -148,7 +68,7 @@ class _SwitchableNorm(_BatchNorm):
     def __init__(self,
                  num_features: int,
                  eps: float = 1e-5,
-                 momentum: Optional[float] = _ARITY_DEFAULT,
+                 momentum: Optional[float] = ARITY_DEFAULT,
                  affine: bool = True,
                  using_bn: bool = True,
                  moving_average: bool = True,
@@ -157,12 +77,12 @@ class _SwitchableNorm(_BatchNorm):
                  requires_grad: bool = True,
                  device=None,
                  dtype=None) -> None:
-        if momentum is _ARITY_DEFAULT:
+        if momentum is ARITY_DEFAULT:
             momentum = self._default_momentum
         flags = dict(affine=affine, using_bn=using_bn,
                      moving_average=moving_average, unbiased=unbiased,
                      last_gamma=last_gamma, requires_grad=requires_grad)
-        _check_arguments(num_features, eps, momentum, flags)
+        check_arguments(num_features, eps, momentum, flags)
         super().__init__(
             num_features,
             eps=eps,
@@ -197,7 +117,7 @@ class _SwitchableNorm(_BatchNorm):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        cls.__signature__ = _public_signature(cls)
+        cls.__signature__ = public_signature(cls, _SwitchableNorm)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -261,7 +181,7 @@ class _SwitchableNorm(_BatchNorm):
                              mean_in: Tensor) -> None:
         """This training batch's BN statistics (detached) and the IN means
         they came from: they move the running ones, once per step."""
-        if not _recomputing_in_backward():
+        if not recomputing_in_backward():
             update_running_stats_(self.running_mean, self.running_var,
                                   self.num_batches_tracked, self.nonfinite,
                                   mean_bn, var_bn,
@@ -344,7 +264,7 @@ class _SwitchableNorm(_BatchNorm):
                 buffers['running_mean'], buffers['running_var'],
                 buffers['num_batches_tracked'], buffers['nonfinite'],
                 softmax, self.momentum, self.moving_average, self.eps,
-                self.unbiased, not _recomputing_in_backward())[0]
+                self.unbiased, not recomputing_in_backward())[0]
         return ops.switchable_norm_eval(
             x, params['weight'], params['bias'], mean_weight, var_weight,
             buffers['running_mean'], buffers['running_var'],
