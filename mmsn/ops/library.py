@@ -83,28 +83,9 @@ def _stats_like(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[:2], dtype=stats_dtype(x.dtype))
 
 
-def _train_fake(x, weight, bias, mean_weight, var_weight, running_mean,
-                running_var, num_batches_tracked, nonfinite, softmax,
-                momentum, moving_average, eps, unbiased, update_stats):
-    return torch.empty_like(x), _stats_like(x), _stats_like(x)
-
-
-def _sparse_train_fake(x, weight, bias, mean_weight, var_weight, radius,
-                       mean_fixed, var_fixed, mean_grad, var_grad,
-                       running_mean, running_var, num_batches_tracked,
-                       nonfinite, momentum, moving_average, eps, unbiased,
-                       update_stats):
-    return torch.empty_like(x), _stats_like(x), _stats_like(x)
-
-
-def _sparse_eval_fake(x, weight, bias, mean_weight, var_weight, radius,
-                      mean_fixed, var_fixed, running_mean, running_var,
-                      nonfinite, eps, unbiased):
-    return torch.empty_like(x), _stats_like(x), _stats_like(x)
-
-
-def _eval_fake(x, weight, bias, mean_weight, var_weight, running_mean,
-               running_var, nonfinite, softmax, eps, unbiased):
+def _forward_fake(x, *args):
+    """The four layer forwards (SN's and SSN's, training and eval): y like
+    x, and the IN statistics."""
     return torch.empty_like(x), _stats_like(x), _stats_like(x)
 
 
@@ -189,14 +170,14 @@ def _generic_backend(x: Tensor) -> backends.RowBackend:
 def _register() -> None:
     global _LIB
     _LIB = torch.library.Library('mmsn', 'IMPL')  # noqa: TOR901
-    fakes = dict(switchable_norm_train=_train_fake,
-                 switchable_norm_eval=_eval_fake,
+    fakes = dict(switchable_norm_train=_forward_fake,
+                 switchable_norm_eval=_forward_fake,
                  switchable_norm_backward=_backward_fake,
                  sparsestmax_shares=_shares_fake,
                  sparsestmax_shares_backward=_shares_backward_fake,
                  sparsestmax_freeze_=_freeze_fake,
-                 sparse_switchable_norm_train=_sparse_train_fake,
-                 sparse_switchable_norm_eval=_sparse_eval_fake)
+                 sparse_switchable_norm_train=_forward_fake,
+                 sparse_switchable_norm_eval=_forward_fake)
     for name, fake in fakes.items():
         torch.library.register_fake(f'mmsn::{name}', fake, lib=_LIB)
     layer = dict(switchable_norm_train=layer_kernels.train,

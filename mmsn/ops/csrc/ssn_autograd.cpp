@@ -9,6 +9,16 @@
 namespace mmsn {
 namespace {
 
+Tensors3 shares_without_graph(const at::Tensor& mean_weight,
+                              const at::Tensor& var_weight,
+                              const at::Tensor& radius,
+                              const at::Tensor& mean_fixed,
+                              const at::Tensor& var_fixed) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return shares_op().call(mean_weight, var_weight, radius, mean_fixed,
+                          var_fixed);
+}
+
 class SparsestmaxShares
     : public torch::autograd::Function<SparsestmaxShares> {
  public:
@@ -18,10 +28,8 @@ class SparsestmaxShares
                                const at::Tensor& radius,
                                const at::Tensor& mean_fixed,
                                const at::Tensor& var_fixed) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [mean_share, var_share, jacobian] =
-        shares_op().call(mean_weight, var_weight, radius, mean_fixed,
-                         var_fixed);
+    auto [mean_share, var_share, jacobian] = shares_without_graph(
+        mean_weight, var_weight, radius, mean_fixed, var_fixed);
     ctx->save_for_backward({jacobian});
     ctx->mark_non_differentiable({jacobian});
     ctx->set_materialize_grads(false);
@@ -39,16 +47,6 @@ class SparsestmaxShares
     return {d_mean, d_var, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
-
-Tensors3 shares_without_graph(const at::Tensor& mean_weight,
-                              const at::Tensor& var_weight,
-                              const at::Tensor& radius,
-                              const at::Tensor& mean_fixed,
-                              const at::Tensor& var_fixed) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return shares_op().call(mean_weight, var_weight, radius, mean_fixed,
-                          var_fixed);
-}
 
 Tensors3 sparsestmax_shares_autograd(const at::Tensor& mean_weight,
                                      const at::Tensor& var_weight,
