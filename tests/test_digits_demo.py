@@ -74,6 +74,12 @@ def test_pipeline_packs_one_channel_images():
 KNOWN_TOP1 = 97.0
 
 
+def logged_scalars(work_dir) -> list:
+    """The records of the run's scalars.json, one dict per line."""
+    scalars = next(Path(work_dir).glob('*/vis_data/scalars.json'))
+    return [json.loads(x) for x in scalars.read_text().splitlines()]
+
+
 @pytest.fixture(scope='module')
 def trained_demo(tmp_path_factory):
     """The demo config trained as ``tools/run_demo.sh`` does (8 epochs)."""
@@ -91,8 +97,7 @@ def test_demo_reaches_its_accuracy(trained_demo):
     work_dir, runner, metrics = trained_demo
     assert metrics['accuracy/top1'] >= KNOWN_TOP1
     assert (work_dir / 'epoch_8.pth').exists()
-    scalars = next(work_dir.glob('*/vis_data/scalars.json'))
-    lines = [json.loads(x) for x in scalars.read_text().splitlines()]
+    lines = logged_scalars(work_dir)
     assert any('loss' in x for x in lines)
     assert any('sn_importance/backbone.sn1/mean_bn' in x for x in lines)
     # batch average, filled after the last epoch from the whole train split
@@ -107,10 +112,9 @@ def test_demo_reaches_its_accuracy(trained_demo):
 
 
 def logged_losses(work_dir) -> dict:
-    """The training loss of each logging step, from scalars.json."""
-    scalars = next(Path(work_dir).glob('*/vis_data/scalars.json'))
-    lines = [json.loads(x) for x in scalars.read_text().splitlines()]
-    return {x['step']: x['loss'] for x in lines if 'loss' in x}
+    """The training loss of each logging step."""
+    return {x['step']: x['loss'] for x in logged_scalars(work_dir)
+            if 'loss' in x}
 
 
 # Steps over which the trajectories of differently ordered float sums (two
