@@ -43,6 +43,7 @@ class SparsestmaxShares
     if (!g_mean.defined()) g_mean = at::zeros({jacobian.size(-1)},
                                               jacobian.options());
     if (!g_var.defined()) g_var = at::zeros_like(g_mean);
+    at::AutoDispatchBelowADInplaceOrView guard;  // as in layer_backward
     auto [d_mean, d_var] = shares_backward_op().call(g_mean, g_var, jacobian);
     return {d_mean, d_var, at::Tensor(), at::Tensor(), at::Tensor()};
   }
