@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <atomic>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -161,59 +162,49 @@ LayerGrads backward_rows(const at::Tensor& dy, const at::Tensor& x,
     // the mixed statistics, and the gradients of the shares. Samples are
     // split into a fixed number of blocks, summed in parallel and merged in
     // order, so that the result does not depend on the thread count.
-    std::vector<double> gm_row(n, 0.0), gv_row(n, 0.0);
+    std::vector<double> gm_row(n), gv_row(n);
     const int64_t blocks = std::min<int64_t>(n, kReductionBlocks);
     // per block: gm_col, gv_col, d_gamma, d_beta (C each), then gp_mean and
-    // gp_var (3 each)
+    // gp_var (3 each); each block zeroes its own
     const int64_t stride = 4 * c + 6;
-    std::vector<double> partial(blocks * stride, 0.0);
+    const std::unique_ptr<double[]> partial(new double[blocks * stride]);
     // the per-row gradients that the dx pass needs, kept from this pass
     // rather than computed again there (a square root and a division per
-    // row: on 1x1 maps, a fifth of the backward)
-    std::vector<double> kept_scale, kept_neg_grad_mean, kept_grad_var;
-    if (need_dx) {
-      kept_scale.resize(n * c);
-      kept_neg_grad_mean.resize(n * c);
-      kept_grad_var.resize(n * c);
-    }
+    // row: on 1x1 maps, a fifth of the backward); every element is written
+    const int64_t rows = n * c;
+    const std::unique_ptr<double[]> kept(new double[need_dx ? 3 * rows : 0]);
+    double* const kept_scale = kept.get();
+    double* const kept_neg_grad_mean = kept_scale + (need_dx ? rows : 0);
+    double* const kept_grad_var = kept_neg_grad_mean + (need_dx ? rows : 0);
     at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
-      RowGradsBlock g(c);
+      RowGradsScratch g(c);
+      // without dx, the kept gradients of one sample at a time
+      std::vector<double> own(need_dx ? 0 : 3 * c);
       for (int64_t k = kb; k < ke; ++k) {
         double* gm_col = &partial[k * stride];
+        std::fill(gm_col, gm_col + stride, 0.0);
         double* gv_col = gm_col + c;
         double* dg = gv_col + c;
         double* db = dg + c;
         double* gp = db + c;  // gp_mean[0..2], gp_var[0..2]
         for (int64_t i = n * k / blocks; i < n * (k + 1) / blocks; ++i) {
-          row_grads_block(mix, i, 0, c, dot, sum_dy, &g);
-          const scalar_t* s = sum_dy + i * c;
-          const scalar_t* m = mix.mean_in + i * c;
-          const scalar_t* v = mix.var_in + i * c;
-          double gm = 0, gv = 0, gp_in = 0, gp_var_in = 0;
-          _Pragma("omp simd reduction(+ : gm, gv, gp_in, gp_var_in)")
-          for (int64_t j = 0; j < c; ++j) {
-            dg[j] += g.grad_centered[j] * g.rstd[j];
-            db[j] += s[j];
-            gm += g.neg_grad_mean[j];
-            gv += g.grad_var[j];
-            gm_col[j] += g.neg_grad_mean[j];
-            gv_col[j] += g.grad_var[j];
-            gp_in += g.neg_grad_mean[j] * m[j];
-            gp_var_in += g.grad_var[j] * v[j];
-          }
-          gp[0] += gp_in;
-          gp[3] += gp_var_in;
-          gm_row[i] = gm;
-          gv_row[i] = gv;
-          gp[1] += gm * mix.ln_mean[i];
-          gp[4] += gv * mix.ln_var[i];
-          if (need_dx) {
-            std::copy(g.scale.begin(), g.scale.end(), &kept_scale[i * c]);
-            std::copy(g.neg_grad_mean.begin(), g.neg_grad_mean.end(),
-                      &kept_neg_grad_mean[i * c]);
-            std::copy(g.grad_var.begin(), g.grad_var.end(),
-                      &kept_grad_var[i * c]);
-          }
+          double* scale = need_dx ? kept_scale + i * c : own.data();
+          double* neg_grad_mean =
+              need_dx ? kept_neg_grad_mean + i * c : scale + c;
+          double* grad_var = need_dx ? kept_grad_var + i * c : scale + 2 * c;
+          row_grads_of_sample(mix, i, dot, sum_dy, &g, scale, neg_grad_mean,
+                              grad_var);
+          double sums[4];
+          accumulate_row_grads(sum_dy + i * c, mix.mean_in + i * c,
+                               mix.var_in + i * c, g.grad_centered.data(),
+                               g.rstd.data(), neg_grad_mean, grad_var, c, dg,
+                               db, gm_col, gv_col, sums);
+          gm_row[i] = sums[0];
+          gv_row[i] = sums[1];
+          gp[0] += sums[2];
+          gp[3] += sums[3];
+          gp[1] += sums[0] * mix.ln_mean[i];
+          gp[4] += sums[1] * mix.ln_var[i];
         }
       }
     });
@@ -221,12 +212,10 @@ LayerGrads backward_rows(const at::Tensor& dy, const at::Tensor& x,
     std::vector<double> gp_mean(mix.w.size(), 0.0), gp_var(mix.u.size(), 0.0);
     for (int64_t k = 0; k < blocks; ++k) {
       const double* part = &partial[k * stride];
-      for (int64_t j = 0; j < c; ++j) {
-        gm_col[j] += part[j];
-        gv_col[j] += part[c + j];
-        out.d_gamma[j] += part[2 * c + j];
-        out.d_beta[j] += part[3 * c + j];
-      }
+      add_into(gm_col.data(), part, c);
+      add_into(gv_col.data(), part + c, c);
+      add_into(out.d_gamma.data(), part + 2 * c, c);
+      add_into(out.d_beta.data(), part + 3 * c, c);
       for (int t = 0; t < 2; ++t) {
         gp_mean[t] += part[4 * c + t];
         gp_var[t] += part[4 * c + 3 + t];

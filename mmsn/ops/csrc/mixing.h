@@ -5,10 +5,12 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -157,7 +159,149 @@ MMSN_ALWAYS_INLINE void row_grads_impl(const T* m, const T* d, const T* s,
   }
 }
 
+// BN statistics of a block of channels (arrays offset to its first channel;
+// m and v have rows of c): the mean over the samples of mean_in, then of
+// var_in + (mean_in - mean)^2, each summed sample by sample. Returns bit 0
+// set when every mean_in read is finite, bit 1 when the statistics are.
+template <typename T>
+MMSN_ALWAYS_INLINE int pool_block_impl(const T* m, const T* v, int64_t n,
+                                       int64_t c, int64_t count, double* bm,
+                                       double* bv) {
+  std::fill(bm, bm + count, 0.0);
+  std::fill(bv, bv + count, 0.0);
+  int input_finite = 1, stats_finite = 1;  // ints: bools do not vectorize
+  for (int64_t i = 0; i < n; ++i) {
+    const T* mi = m + i * c;
+#pragma omp simd reduction(& : input_finite)
+    for (int64_t k = 0; k < count; ++k) {
+      bm[k] += mi[k];
+      input_finite &= std::isfinite(static_cast<double>(mi[k]));
+    }
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < count; ++k) bm[k] /= n;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* mi = m + i * c;
+    const T* vi = v + i * c;
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) {
+      const double d = mi[k] - bm[k];
+      bv[k] += vi[k] + d * d;
+    }
+  }
+#pragma omp simd reduction(& : stats_finite)
+  for (int64_t k = 0; k < count; ++k) {
+    bv[k] /= n;
+    stats_finite &= std::isfinite(bm[k]) & std::isfinite(bv[k]);
+  }
+  return input_finite | (stats_finite << 1);
+}
+
+// sum(a[j]) and sum(b[j] + (a[j] - pivot)^2) over j < count, in 16 lanes
+// added as a tree (rows.h): the same sums, bit for bit, at every vector
+// width.
+template <typename T>
+MMSN_ALWAYS_INLINE double lane_sum_of(const T* a, int64_t count) {
+  double l[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= count; j += 16) {
+#pragma omp simd
+    for (int k = 0; k < 16; ++k) l[k] += a[j + k];
+  }
+  double tail = 0;
+  for (; j < count; ++j) tail += a[j];
+  return lane_sum<16>(l, tail);
+}
+
+template <typename T>
+MMSN_ALWAYS_INLINE double lane_sum_of_spread(const T* a, const T* b,
+                                             double pivot, int64_t count) {
+  double l[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= count; j += 16) {
+#pragma omp simd
+    for (int k = 0; k < 16; ++k) {
+      const double d = a[j + k] - pivot;
+      l[k] += b[j + k] + d * d;
+    }
+  }
+  double tail = 0;
+  for (; j < count; ++j) {
+    const double d = a[j] - pivot;
+    tail += b[j] + d * d;
+  }
+  return lane_sum<16>(l, tail);
+}
+
+// The backward's per-sample sums over its channels (the shares' and the
+// pooled statistics' gradients) and per-channel accumulations, for one
+// sample: sums[0..3] = sum(neg_grad_mean), sum(grad_var),
+// sum(neg_grad_mean * mean_in), sum(grad_var * var_in), in lanes as above.
+template <typename T>
+MMSN_ALWAYS_INLINE void accumulate_row_grads_impl(
+    const T* s, const T* m, const T* v, const double* grad_centered,
+    const double* rstd, const double* neg_grad_mean, const double* grad_var,
+    int64_t count, double* d_gamma, double* d_beta, double* gm_col,
+    double* gv_col, double* sums) {
+  double l[4][8] = {};
+  double tail[4] = {};
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+#pragma omp simd
+    for (int k = 0; k < 8; ++k) {
+      const int64_t q = j + k;
+      d_gamma[q] += grad_centered[q] * rstd[q];
+      d_beta[q] += s[q];
+      gm_col[q] += neg_grad_mean[q];
+      gv_col[q] += grad_var[q];
+      l[0][k] += neg_grad_mean[q];
+      l[1][k] += grad_var[q];
+      l[2][k] += neg_grad_mean[q] * m[q];
+      l[3][k] += grad_var[q] * v[q];
+    }
+  }
+  for (; j < count; ++j) {
+    d_gamma[j] += grad_centered[j] * rstd[j];
+    d_beta[j] += s[j];
+    gm_col[j] += neg_grad_mean[j];
+    gv_col[j] += grad_var[j];
+    tail[0] += neg_grad_mean[j];
+    tail[1] += grad_var[j];
+    tail[2] += neg_grad_mean[j] * m[j];
+    tail[3] += grad_var[j] * v[j];
+  }
+  for (int t = 0; t < 4; ++t) sums[t] = lane_sum<8>(l[t], tail[t]);
+}
+
+// dst += src, element by element.
+MMSN_MULTIVERSION void add_into(double* dst, const double* src,
+                                int64_t count) {
+#pragma omp simd
+  for (int64_t k = 0; k < count; ++k) dst[k] += src[k];
+}
+
 #define MMSN_MIXING_KERNELS(T)                                                \
+  MMSN_MULTIVERSION int pool_block(const T* m, const T* v, int64_t n,        \
+                                   int64_t c, int64_t count, double* bm,     \
+                                   double* bv) {                             \
+    return pool_block_impl(m, v, n, c, count, bm, bv);                       \
+  }                                                                           \
+  MMSN_MULTIVERSION void layer_stats_kernel(const T* m, const T* v,          \
+                                            int64_t c, double* mean,         \
+                                            double* var) {                   \
+    const double mu = lane_sum_of(m, c) / c;                                  \
+    *mean = mu;                                                               \
+    *var = lane_sum_of_spread(m, v, mu, c) / c;                               \
+  }                                                                           \
+  MMSN_MULTIVERSION void accumulate_row_grads(                                \
+      const T* s, const T* m, const T* v, const double* grad_centered,       \
+      const double* rstd, const double* neg_grad_mean,                       \
+      const double* grad_var, int64_t count, double* d_gamma,                \
+      double* d_beta, double* gm_col, double* gv_col, double* sums) {        \
+    accumulate_row_grads_impl(s, m, v, grad_centered, rstd, neg_grad_mean,   \
+                              grad_var, count, d_gamma, d_beta, gm_col,      \
+                              gv_col, sums);                                  \
+  }                                                                           \
   MMSN_MULTIVERSION int mix_block(                                            \
       const T* m, const T* v, int64_t count, double lm, double lv,           \
       const double* bm, const double* bv, double wl, double wb, double ul,   \
@@ -263,61 +407,27 @@ struct Mixing {
     return s;
   }
 
-  // BN statistics of this batch, pooled over n as the LN ones are over c.
+  // BN statistics of this batch, pooled over n as the LN ones are over c,
+  // blocks of channels in parallel.
   void pool_batch_stats() {
-    bn_mean.assign(c, 0.0);
-    bn_var.assign(c, 0.0);
-    double* bm = bn_mean.data();
-    double* bv = bn_var.data();
-    for (int64_t i = 0; i < n; ++i) {
-      const T* m = mean_in + i * c;
-#pragma omp simd
-      for (int64_t j = 0; j < c; ++j) bm[j] += m[j];
-    }
-    for (int64_t j = 0; j < c; ++j) bm[j] /= n;
-    for (int64_t i = 0; i < n; ++i) {
-      const T* m = mean_in + i * c;
-      const T* v = var_in + i * c;
-#pragma omp simd
-      for (int64_t j = 0; j < c; ++j) {
-        const double d = m[j] - bm[j];
-        bv[j] += v[j] + d * d;
-      }
-    }
-    int finite = 1;  // an int: a bool reduction is not vectorized
-#pragma omp simd reduction(& : finite)
-    for (int64_t k = 0; k < n * c; ++k) {
-      finite &= std::isfinite(static_cast<double>(mean_in[k]));
-    }
-    input_finite = finite;
-    int finite_stats = 1;
-#pragma omp simd reduction(& : finite_stats)
-    for (int64_t j = 0; j < c; ++j) {
-      bv[j] /= n;
-      finite_stats &= std::isfinite(bm[j]) & std::isfinite(bv[j]);
-    }
-    batch_finite = finite_stats;
+    bn_mean.resize(c);
+    bn_var.resize(c);
+    std::atomic<int> flags{3};
+    at::parallel_for(0, c, row_grain(n), [&](int64_t b, int64_t e) {
+      const int f = pool_block(mean_in + b, var_in + b, n, c, e - b,
+                               bn_mean.data() + b, bn_var.data() + b);
+      if (f != 3) flags.fetch_and(f);
+    });
+    input_finite = flags & 1;
+    batch_finite = (flags & 2) != 0;
   }
 
   // LN statistics of sample i: mean of the means; mean of var_in +
   // (mean_in - mean)^2, which has no cancellation (see
   // layer_stats_from_instance).
   void layer_stats(int64_t i) {
-    const T* m = mean_in + i * c;
-    const T* v = var_in + i * c;
-    // vector sums: a chain of c dependent additions took 3 us at c = 2048
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < c; ++j) s += m[j];
-    const double mu = s / c;
-    double q = 0;
-#pragma omp simd reduction(+ : q)
-    for (int64_t j = 0; j < c; ++j) {
-      const double d = m[j] - mu;
-      q += v[j] + d * d;
-    }
-    ln_mean[i] = mu;
-    ln_var[i] = q / c;
+    layer_stats_kernel(mean_in + i * c, var_in + i * c, c, &ln_mean[i],
+                       &ln_var[i]);
   }
 
   bool has_bn() const { return !bn_mean.empty(); }
@@ -386,26 +496,24 @@ void normalize_rows(const Mixing<T>& mix, const std::vector<double>& beta,
 
 // Per-row gradients of y = (x - mean) * scale + beta, scale = gamma * rstd,
 // with respect to the mixed mean (negated) and the mixed variance + eps, for
-// the channels [j0, j1) of sample i (arrays indexed j - j0), from the
-// per-row sums of the backward.
-struct RowGradsBlock {
-  std::vector<double> mean, rstd, scale, neg_grad_mean, grad_var,
-      grad_centered;
-  explicit RowGradsBlock(int64_t c)
-      : mean(c), rstd(c), scale(c), neg_grad_mean(c), grad_var(c),
-        grad_centered(c) {}
+// the C rows of sample i, from the per-row sums of the backward: scale,
+// neg_grad_mean and grad_var into the given arrays (which the dx pass
+// reads again), the rest into a scratch block.
+struct RowGradsScratch {
+  std::vector<double> mean, rstd, grad_centered;
+  explicit RowGradsScratch(int64_t c) : mean(c), rstd(c), grad_centered(c) {}
 };
 
 template <typename T>
-void row_grads_block(const Mixing<T>& mix, int64_t i, int64_t j0, int64_t j1,
-                     const T* dot, const T* sum_dy, RowGradsBlock* g) {
-  mix.mixed_block(i, j0, j1, g->mean.data(), g->rstd.data());
-  const int64_t row = i * mix.c + j0;
+void row_grads_of_sample(const Mixing<T>& mix, int64_t i, const T* dot,
+                         const T* sum_dy, RowGradsScratch* g, double* scale,
+                         double* neg_grad_mean, double* grad_var) {
+  mix.mixed_block(i, 0, mix.c, g->mean.data(), g->rstd.data());
+  const int64_t row = i * mix.c;
   row_grads_kernel(mix.mean_in + row, dot + row, sum_dy + row,
-                   mix.gamma_or_one.data() + j0, g->mean.data(),
-                   g->rstd.data(), j1 - j0, g->scale.data(),
-                   g->grad_centered.data(), g->neg_grad_mean.data(),
-                   g->grad_var.data());
+                   mix.gamma_or_one.data(), g->mean.data(), g->rstd.data(),
+                   mix.c, scale, g->grad_centered.data(), neg_grad_mean,
+                   grad_var);
 }
 
 }  // namespace
