@@ -1,5 +1,6 @@
 // The whole SN layer on the CPU: the passes of rows.h with the per-(n, c)
-// algebra of mixing.h computed in double inside them.
+// algebra of mixing.h (and its loops, channel_loops.h) computed in double
+// inside them.
 //
 //   train_rows     forward after the moments: BN statistics pooled from
 //                  the IN ones, running statistics moved, the output
